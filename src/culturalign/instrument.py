@@ -1,0 +1,171 @@
+"""Questionnaires as data: items, answer scales and the index formulas that score them.
+
+An instrument is a JSON file (schema `culturalign.instrument/1`, see `data/instruments/vsm2013.json`).
+Each index is a sum of weighted differences of item means plus a constant C:
+    PDI = 35(m07 - m02) + 25(m20 - m23) + C
+which is linear in the item means, so `Instrument.weights` turns it into one matrix product that
+works on numpy arrays and torch tensors alike (the optimizer differentiates through it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from culturalign.errors import CulturalignError
+
+SCHEMA = "culturalign.instrument/1"
+BUILTIN = ("vsm2013",)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    text: str
+    options: tuple[str, ...]
+    section: str | None = None  # instruction shared by a block of items (printed above the item)
+
+
+@dataclass(frozen=True)
+class Term:
+    weight: float
+    plus: int
+    minus: int
+
+
+@dataclass(frozen=True)
+class Index:
+    code: str
+    name: str
+    terms: tuple[Term, ...]
+
+
+@dataclass
+class Instrument:
+    id: str
+    name: str
+    items: list[Item]
+    indices: dict[str, Index]
+    codes: tuple[int, ...] = (1, 2, 3, 4, 5)
+    citation: str = ""
+    terms_of_use: str = ""
+    defaults: dict[str, float] = field(default_factory=dict)  # default constant C per index
+
+    @property
+    def dims(self) -> list[str]:
+        return list(self.indices)
+
+    @property
+    def item_ids(self) -> list[int]:
+        return [it.id for it in self.items]
+
+    def constants(self, overrides: dict[str, float] | None = None) -> dict[str, float]:
+        """The constant C of each index: the file's default, then `overrides` (unknown names are errors)."""
+        c = {d: float(self.defaults.get(d, 0.0)) for d in self.dims}
+        for k, v in (overrides or {}).items():
+            key = k.upper()
+            if key not in c:
+                raise CulturalignError(f"unknown index {k!r} in constants; expected one of {', '.join(self.dims)}")
+            c[key] = float(v)
+        return c
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Matrix W [n_indices, n_items] such that indices = W @ item_means + C."""
+        pos = {iid: j for j, iid in enumerate(self.item_ids)}
+        w = np.zeros((len(self.indices), len(self.items)))
+        for i, idx in enumerate(self.indices.values()):
+            for t in idx.terms:
+                w[i, pos[t.plus]] += t.weight
+                w[i, pos[t.minus]] -= t.weight
+        return w
+
+    def score(self, means, constants: dict[str, float] | None = None):
+        """Index scores from item means ([..., n_items], numpy or torch); returns [..., n_indices]."""
+        c = self.constants(constants)
+        w, cvec = self.weights, np.array([c[d] for d in self.dims])
+        if hasattr(means, "detach"):  # torch tensor: stay differentiable
+            import torch
+
+            return means @ torch.as_tensor(w.T, dtype=means.dtype, device=means.device) + torch.as_tensor(
+                cvec, dtype=means.dtype, device=means.device
+            )
+        means = np.asarray(means, dtype=float)
+        if means.shape[-1] != len(self.items):
+            raise CulturalignError(f"expected {len(self.items)} item means, got {means.shape[-1]}")
+        return means @ w.T + cvec
+
+    def score_dict(self, means, constants: dict[str, float] | None = None) -> dict[str, float]:
+        return {d: float(v) for d, v in zip(self.dims, self.score(np.asarray(means, dtype=float), constants))}
+
+
+def _fail(path, msg):
+    raise CulturalignError(f"{path}: {msg}")
+
+
+def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
+    """Validate a decoded instrument file and build an `Instrument`; errors name the file and field."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        _fail(path, f"expected a JSON object with \"schema\": \"{SCHEMA}\"")
+    for key in ("id", "name", "scales", "items", "indices"):
+        if key not in data:
+            _fail(path, f"missing field {key!r}")
+    codes = tuple(data.get("answer_codes", (1, 2, 3, 4, 5)))
+    if len(codes) < 2 or list(codes) != list(range(codes[0], codes[0] + len(codes))):
+        _fail(path, f"answer_codes must be consecutive integers, got {list(codes)}")
+    scales, sections = data["scales"], data.get("sections", {})
+    for name, opts in scales.items():
+        if not isinstance(opts, list) or len(opts) != len(codes) or not all(isinstance(o, str) and o for o in opts):
+            _fail(path, f"scale {name!r} must list {len(codes)} non-empty answer labels, one per answer code")
+    items, seen = [], set()
+    for k, it in enumerate(data["items"]):
+        where = f"items[{k}]"
+        if not isinstance(it, dict) or not isinstance(it.get("id"), int) or not it.get("text"):
+            _fail(path, f"{where} needs an integer 'id' and a non-empty 'text'")
+        if it["id"] in seen:
+            _fail(path, f"{where}: duplicate item id {it['id']}")
+        seen.add(it["id"])
+        if it.get("scale") not in scales:
+            _fail(path, f"{where}: scale {it.get('scale')!r} is not defined in 'scales' ({', '.join(scales)})")
+        sec = it.get("section")
+        if sec is not None and sec not in sections:
+            _fail(path, f"{where}: section {sec!r} is not defined in 'sections'")
+        items.append(Item(it["id"], it["text"], tuple(scales[it["scale"]]), sections[sec] if sec else None))
+    if not items:
+        _fail(path, "no items")
+    indices, defaults = {}, {}
+    for code, spec in data["indices"].items():
+        terms = []
+        for t in spec.get("terms", []):
+            if not {"weight", "plus", "minus"} <= set(t) or t["plus"] not in seen or t["minus"] not in seen:
+                _fail(path, f"index {code}: each term needs weight, plus, minus naming existing item ids; got {t}")
+            terms.append(Term(float(t["weight"]), int(t["plus"]), int(t["minus"])))
+        if not terms:
+            _fail(path, f"index {code}: no terms")
+        indices[code.upper()] = Index(code.upper(), spec.get("name", code), tuple(terms))
+        defaults[code.upper()] = float(spec.get("constant", 0))
+    return Instrument(
+        id=str(data["id"]), name=str(data["name"]), items=items, indices=indices, codes=codes,
+        citation=data.get("citation", ""), terms_of_use=data.get("terms_of_use", ""), defaults=defaults,
+    )
+
+
+def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
+    """A built-in instrument by id (`vsm2013`) or a user's JSON file of the same schema."""
+    if name_or_path in BUILTIN:
+        text = resources.files("culturalign.data.instruments").joinpath(f"{name_or_path}.json").read_text("utf-8")
+        return parse_instrument(json.loads(text), name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise CulturalignError(
+            f"instrument {name_or_path!r} not found: expected a built-in id ({', '.join(BUILTIN)}) or a JSON file path"
+        )
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CulturalignError(f"{path}: not valid JSON ({e})") from None
+    return parse_instrument(data, str(path))

