@@ -215,13 +215,16 @@ def sample_answers(lm: LoadedModel, sequences: list[list[int]], codes, n: int = 
             x = torch.stack([torch.cat([x[i, : width - len(s)], s0, x[i, width - len(s) :]]) for i, s in enumerate(chunk)])
             mask = torch.stack([torch.cat([mask[i, : width - len(s)], torch.ones(len(s0), dtype=mask.dtype, device=dev), mask[i, width - len(s) :]]) for i, s in enumerate(chunk)])
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        greedy = temperature <= 0  # one deterministic answer per item, counted n times
+        options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         with torch.no_grad():
             out = lm.model.generate(
-                inputs_embeds=x, attention_mask=mask, do_sample=temperature > 0, temperature=max(temperature, 1e-5),
-                top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                pad_token_id=tok.pad_token_id,
+                inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                num_return_sequences=1 if greedy else n, pad_token_id=tok.pad_token_id, **options,
             )
         texts = tok.batch_decode(out, skip_special_tokens=True)
+        if greedy:
+            texts = [t for t in texts for _ in range(n)]
         for j, text in enumerate(texts):
             i = b0 + j // n
             code = parse_answer(text, codes)

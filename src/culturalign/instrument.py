@@ -114,7 +114,12 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
     for key in ("id", "name", "scales", "items", "indices"):
         if key not in data:
             _fail(path, f"missing field {key!r}")
+    for key, kind in (("scales", dict), ("items", list), ("indices", dict), ("sections", dict)):
+        if key in data and not isinstance(data[key], kind):
+            _fail(path, f"field {key!r} must be a JSON {'object' if kind is dict else 'array'}")
     codes = tuple(data.get("answer_codes", (1, 2, 3, 4, 5)))
+    if not all(isinstance(c, int) for c in codes):
+        _fail(path, f"answer_codes must be integers, got {list(codes)}")
     if len(codes) < 2 or list(codes) != list(range(codes[0], codes[0] + len(codes))):
         _fail(path, f"answer_codes must be consecutive integers, got {list(codes)}")
     scales, sections = data["scales"], data.get("sections", {})
@@ -140,14 +145,21 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
     indices, defaults = {}, {}
     for code, spec in data["indices"].items():
         terms = []
+        if not isinstance(spec, dict) or not isinstance(spec.get("terms", []), list):
+            _fail(path, f"index {code}: expected an object with a list of 'terms'")
         for t in spec.get("terms", []):
-            if not {"weight", "plus", "minus"} <= set(t) or t["plus"] not in seen or t["minus"] not in seen:
-                _fail(path, f"index {code}: each term needs weight, plus, minus naming existing item ids; got {t}")
+            ok = isinstance(t, dict) and {"weight", "plus", "minus"} <= set(t)
+            if not ok or t["plus"] not in seen or t["minus"] not in seen or isinstance(t["weight"], bool) \
+                    or not isinstance(t["weight"], (int, float)):
+                _fail(path, f"index {code}: each term needs a numeric weight, and plus/minus naming existing item ids; got {t}")
             terms.append(Term(float(t["weight"]), int(t["plus"]), int(t["minus"])))
         if not terms:
             _fail(path, f"index {code}: no terms")
         indices[code.upper()] = Index(code.upper(), spec.get("name", code), tuple(terms))
-        defaults[code.upper()] = float(spec.get("constant", 0))
+        const = spec.get("constant", 0)
+        if isinstance(const, bool) or not isinstance(const, (int, float)):
+            _fail(path, f"index {code}: constant must be a number, got {const!r}")
+        defaults[code.upper()] = float(const)
     return Instrument(
         id=str(data["id"]), name=str(data["name"]), items=items, indices=indices, codes=codes,
         citation=data.get("citation", ""), terms_of_use=data.get("terms_of_use", ""), defaults=defaults,

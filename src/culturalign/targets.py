@@ -107,9 +107,12 @@ def _rows_to_set(name: str, rows: list[dict], where: str) -> TargetSet:
         for key, val in low.items():
             k = key.upper()
             if k in DIMS:
-                v = val if isinstance(val, (int, float)) and not isinstance(val, bool) else _number(
-                    "" if val is None else str(val), f"{where}, row {i} ({label}), field {key!r}"
-                )
+                if isinstance(val, bool) or not (val is None or isinstance(val, (int, float, str))):
+                    raise CulturalignError(f"{where}, row {i} ({label}), field {key!r}: expected a number, got {val!r}")
+                if isinstance(val, float) and not math.isfinite(val):
+                    raise CulturalignError(f"{where}, row {i} ({label}), field {key!r}: expected a finite score, got {val!r}")
+                v = _number("" if val is None else str(val),
+                            f"{where}, row {i} ({label}), field {key!r}")
                 if v is not None:
                     scores[k] = float(v)
         if not scores:

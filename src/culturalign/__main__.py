@@ -1,0 +1,3 @@
+from culturalign.cli import main
+
+main()

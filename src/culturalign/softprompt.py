@@ -1,0 +1,168 @@
+"""Soft prompts: learnable input embeddings prepended at position 0, saved in PEFT's format.
+
+A saved prompt is a folder PEFT loads with `PeftModel.from_pretrained(model, folder)`:
+`adapter_config.json` (PROMPT_TUNING, CAUSAL_LM) and `adapter_model.safetensors` with one tensor,
+`prompt_embeddings` [n, hidden]. culturalign adds `culturalign.json` (the prompt profile, instrument
+and model the prompt was searched with) so `culturalign survey --soft-prompt DIR` asks the same way.
+
+`Projection` is the black-box parameterisation of Black-Box Tuning (Sun et al., 2022): the prompt is
+`p0 + A z` with `z` in R^d and `A` a fixed Gaussian matrix drawn from a recorded seed, scaled so that
+for `z` uniform in [-b, b]^d each coordinate of `A z` has `sigma` times the embedding table's standard
+deviation (BBT uses sigma = 1; on SmolLM2-135M random directions of that size barely move the survey
+answers, see README "Design choices", so the default is larger).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from culturalign.errors import CulturalignError
+from culturalign.models import LoadedModel
+
+INITS = ("text", "vocab", "random")
+META = "culturalign.json"
+
+
+@dataclass
+class SoftPrompt:
+    embeddings: torch.Tensor  # [n, hidden]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    def save(self, folder: str | Path, base_model: str = "", lm: LoadedModel | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = lm.model.config if lm is not None else None
+        config = {
+            "auto_mapping": None, "base_model_name_or_path": base_model or None, "inference_mode": True,
+            "modules_to_save": None, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "num_layers": getattr(cfg, "num_hidden_layers", None), "num_transformer_submodules": 1,
+            "num_virtual_tokens": self.n_tokens, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "revision": None, "task_type": "CAUSAL_LM",
+            "token_dim": self.embeddings.shape[1], "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
+        }
+        _atomic(folder / "adapter_model.safetensors", lambda p: save_file(
+            {"prompt_embeddings": self.embeddings.detach().float().cpu().contiguous()}, p))
+        _atomic_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+        _atomic_text(folder / META, json.dumps(self.meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, hidden_size: int | None = None) -> "SoftPrompt":
+        folder = Path(folder)
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CulturalignError(f"soft prompt {str(folder)!r}: no adapter_model.safetensors (expected a PEFT prompt-tuning folder)")
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types
+            raise CulturalignError(f"soft prompt {str(weights)!r} is not a readable safetensors file ({e})") from None
+        if "prompt_embeddings" not in tensors or tensors["prompt_embeddings"].dim() != 2:
+            raise CulturalignError(f"soft prompt {str(weights)!r}: expected one tensor 'prompt_embeddings' of shape [n, hidden]")
+        emb = tensors["prompt_embeddings"].float()
+        cfg_path = folder / "adapter_config.json"
+        if cfg_path.is_file():
+            cfg = _read_json(cfg_path)
+            if cfg.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
+                raise CulturalignError(f"soft prompt {str(folder)!r}: peft_type is {cfg.get('peft_type')!r}, expected PROMPT_TUNING")
+        if hidden_size is not None and emb.shape[1] != hidden_size:
+            raise CulturalignError(
+                f"soft prompt {str(folder)!r} has width {emb.shape[1]} but the model's embeddings have {hidden_size}: "
+                "it was made for another model"
+            )
+        meta = _read_json(folder / META) if (folder / META).is_file() else {}
+        return cls(emb, meta)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CulturalignError(f"soft prompt file {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CulturalignError(f"soft prompt file {str(path)!r}: expected a JSON object")
+    return data
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def embedding_std(lm: LoadedModel) -> float:
+    return float(lm.model.get_input_embeddings().weight.float().std())
+
+
+def initial_prompt(lm: LoadedModel, n: int, how: str = "text", text: str | None = None, seed: int = 0) -> torch.Tensor:
+    """[n, hidden] starting prompt: a text's token embeddings (cycled/cut to n), sampled vocabulary rows, or noise."""
+    if n < 1:
+        raise CulturalignError(f"--tokens must be at least 1, got {n}")
+    table = lm.model.get_input_embeddings().weight.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    if how == "text":
+        ids = lm.tokenizer(text or "", add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise CulturalignError("soft prompt init 'text' needs a non-empty text")
+        ids = (ids * math.ceil(n / len(ids)))[:n]
+        return table[ids].clone()
+    if how == "vocab":
+        return table[torch.randint(0, min(table.shape[0], 5000), (n,), generator=g)].clone()
+    if how == "random":
+        return torch.randn(n, table.shape[1], generator=g) * table.std()
+    raise CulturalignError(f"unknown soft prompt init {how!r}; expected one of {', '.join(INITS)}")
+
+
+class Projection:
+    """prompt(z) = p0 + A z, z in [-bound, bound]^d; A Gaussian from `seed`, or scaled identity if d = n*hidden."""
+
+    def __init__(self, p0: torch.Tensor, dim: int, seed: int, emb_std: float, bound: float = 1.0, sigma: float = 1.0):
+        self.p0, self.shape, self.dim, self.seed, self.bound = p0.float(), tuple(p0.shape), dim, seed, bound
+        full = p0.numel()
+        if not 1 <= dim <= full:
+            raise CulturalignError(f"--dim must be between 1 and {full} (tokens x hidden size), got {dim}")
+        if sigma <= 0:
+            raise CulturalignError(f"--sigma must be positive, got {sigma}")
+        self.sigma = sigma
+        z_std = bound / math.sqrt(3.0)  # std of U(-b, b)
+        target_std = sigma * emb_std  # per-coordinate std of A z
+        if dim == full:
+            self.A = None
+            self.scale = target_std / z_std
+        else:
+            g = torch.Generator().manual_seed(seed)
+            self.A = torch.randn(full, dim, generator=g) * (target_std / (math.sqrt(dim) * z_std))
+
+    def __call__(self, z) -> torch.Tensor:
+        """[P, d] (numpy or torch) -> [P, n, hidden] prompts."""
+        z = torch.as_tensor(z, dtype=torch.float32)
+        if z.dim() == 1:
+            z = z.unsqueeze(0)
+        delta = z * self.scale if self.A is None else z @ self.A.T
+        return self.p0.unsqueeze(0) + delta.view(-1, *self.shape)

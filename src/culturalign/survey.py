@@ -1,0 +1,158 @@
+"""A model's cultural profile: put the instrument to the model, score the answers, compare to a target.
+
+`Survey` binds a model, an instrument, a prompt profile and a target. It is the single code path for
+the `survey` command and for the optimizer's objective (`Survey.loss` on a batch of soft prompts),
+so the profile an aligned prompt is scored with during search is the one it is reported with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from culturalign.elicitation import Distributions, SurveyEvaluator, sample_answers
+from culturalign.errors import CulturalignError
+from culturalign.instrument import Instrument
+from culturalign.models import LoadedModel
+from culturalign.prompts import ANSWER_PREFIX, encode_items
+from culturalign.targets import Target, l1
+
+MODES = ("logprob", "sample")
+
+
+@dataclass
+class SurveyResult:
+    """One profile, serialised in the survey output contract (see README, 'Output contract')."""
+
+    model: str
+    instrument: str
+    prompt: str
+    mode: str
+    constants: dict[str, float]
+    items: list[dict]
+    indices: dict[str, float]
+    target: Target | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def l1(self) -> float | None:
+        return l1(self.indices, self.target)[0]
+
+    @property
+    def l1_dims(self) -> list[str]:
+        return l1(self.indices, self.target)[1]
+
+    @property
+    def missing_dims(self) -> list[str]:
+        return [] if self.target is None else [d for d in self.indices if d not in self.target.scores]
+
+    @property
+    def mean_option_mass(self) -> float:
+        return float(np.mean([it["option_mass"] for it in self.items]))
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "instrument": self.instrument, "prompt": self.prompt, "mode": self.mode,
+            "constants": self.constants, "items": self.items, "indices": self.indices,
+            "target": None if self.target is None else {"name": self.target.name, "scores": self.target.scores},
+            "l1": self.l1, "l1_dims": self.l1_dims, "missing_dims": self.missing_dims,
+            "mean_option_mass": self.mean_option_mass, **self.extra,
+        }
+
+
+class Survey:
+    """The instrument, as asked of one model under one prompt profile, scored against one target."""
+
+    def __init__(self, lm: LoadedModel, instrument: Instrument, prompt: str = "naive", target: Target | None = None,
+                 constants: dict[str, float] | None = None, answer_prefix: str = ANSWER_PREFIX, max_rows: int = 96):
+        self.lm, self.instrument, self.prompt, self.target = lm, instrument, prompt, target
+        self.constants = instrument.constants(constants)
+        self.sequences, self.option_ids = encode_items(lm.tokenizer, instrument, prompt, target, answer_prefix)
+        sections: dict[str, list[int]] = {}
+        for i, it in enumerate(instrument.items):
+            if it.section:
+                sections.setdefault(it.section, []).append(i)
+        self.evaluator = SurveyEvaluator(lm, self.sequences, self.option_ids, list(sections.values()), max_rows)
+        self.codes = torch.tensor(instrument.codes, dtype=torch.float32)
+        self.weights = torch.tensor(instrument.weights.T, dtype=torch.float32)
+        self.cvec = torch.tensor([self.constants[d] for d in instrument.dims], dtype=torch.float32)
+        if target is not None:
+            dims = [d for d in instrument.dims if d in target.scores]
+            if not dims:
+                raise CulturalignError(f"target {target.name!r} has none of the instrument's indices ({', '.join(instrument.dims)})")
+            self.loss_mask = torch.tensor([d in target.scores for d in instrument.dims])
+            self.target_vec = torch.tensor([target.scores.get(d, 0.0) for d in instrument.dims], dtype=torch.float32)
+
+    def distributions(self, soft: torch.Tensor | None = None) -> Distributions:
+        return self.evaluator(soft)
+
+    def indices(self, dists: Distributions) -> torch.Tensor:
+        """[P, n_indices] index scores from answer distributions (differentiable)."""
+        means = dists.probs.float() @ self.codes.to(dists.probs.device)
+        return means @ self.weights.to(means.device) + self.cvec.to(means.device)
+
+    def loss(self, dists: Distributions, mass_floor: float = 0.0, mass_weight: float = 0.0) -> torch.Tensor:
+        """[P] L1 distance to the target over its known dimensions, plus an optional option-mass penalty.
+
+        The penalty, `mass_weight * mean_i max(0, mass_floor - option_mass_i)`, keeps a search from
+        reaching the target through prompts on which the model no longer answers with a code.
+        """
+        if self.target is None:
+            raise CulturalignError("the loss needs a target")
+        ind = self.indices(dists)
+        dist = ((ind - self.target_vec.to(ind.device)).abs() * self.loss_mask.to(ind.device)).sum(-1)
+        if mass_weight:
+            dist = dist + mass_weight * torch.relu(mass_floor - dists.mass.float()).mean(-1)
+        return dist
+
+    def result(self, soft: torch.Tensor | None = None, label: str | None = None) -> SurveyResult:
+        """The logprob-mode profile of one soft prompt ([n, H] or [1, n, H]) or of none."""
+        t0 = time.perf_counter()
+        if soft is not None and soft.dim() == 2:
+            soft = soft.unsqueeze(0)
+        with torch.no_grad():
+            d = self.distributions(soft)
+        return self._result(d.probs[0].cpu().double().numpy(), d.mass[0].cpu().double().numpy(), label, "logprob",
+                            {"seconds": round(time.perf_counter() - t0, 3),
+                             "tokens_processed": self.evaluator.tokens_per_candidate + (0 if soft is None else soft.shape[1])})
+
+    def sample(self, n: int = 10, temperature: float = 1.0, soft: torch.Tensor | None = None, seed: int = 0,
+               label: str | None = None) -> SurveyResult:
+        """Sample mode: `n` generated answers per item; distributions are the parsed answers' frequencies."""
+        if n < 1:
+            raise CulturalignError(f"--samples must be at least 1, got {n}")
+        t0 = time.perf_counter()
+        if soft is not None and soft.dim() == 2:
+            soft = soft.unsqueeze(0)
+        s = sample_answers(self.lm, self.sequences, self.instrument.codes, n, temperature, soft, seed)
+        parsed = s.counts.sum(1)
+        probs = np.where(parsed[:, None] > 0, s.counts / np.maximum(parsed[:, None], 1), np.nan)
+        extra = {"seconds": round(time.perf_counter() - t0, 3), "samples_per_item": n, "temperature": temperature,
+                 "unparsable": int(s.unparsable.sum())}
+        res = self._result(probs, parsed / n, label, "sample", extra)
+        for it, bad, ex in zip(res.items, s.unparsable, s.examples):
+            it["unparsable"] = int(bad)
+            if ex:
+                it["unparsable_examples"] = ex
+        if (parsed == 0).any():
+            missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]
+            raise CulturalignError(
+                f"no parsable answer for item(s) {missing} in {n} samples; raise --samples or use --mode logprob"
+            )
+        return res
+
+    def _result(self, probs: np.ndarray, mass: np.ndarray, label, mode, extra) -> SurveyResult:
+        codes = np.asarray(self.instrument.codes, dtype=float)
+        means = probs @ codes
+        items = [
+            {"id": it.id, "probs": [round(float(x), 6) for x in p], "mean": round(float(m), 6), "option_mass": round(float(o), 6)}
+            for it, p, m, o in zip(self.instrument.items, probs, means, mass)
+        ]
+        return SurveyResult(
+            model=self.lm.name, instrument=self.instrument.id, prompt=label or self.prompt, mode=mode,
+            constants=self.constants, items=items, indices=self.instrument.score_dict(means, self.constants),
+            target=self.target, extra=extra,
+        )

@@ -1,0 +1,144 @@
+"""Shared fixtures: a tiny random Llama with an in-memory BPE tokenizer, its saved folder, the embedded model.
+
+The tiny model is built in code (no download): a byte-level BPE tokenizer trained on the VSM item texts,
+answer labels and prompt texts, with digits split one per token so that every answer code "1".."5" is a
+single token after the prompt (the logprob mode needs that), and a ChatML-like chat template.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    from culturalign import load_instrument
+    from culturalign.prompts import ANSWER_PREFIX, system_text, user_text
+    from culturalign.targets import load_target_set
+
+    inst = load_instrument()
+    texts = [user_text(it, inst.codes) for it in inst.items]
+    texts += [o for it in inst.items for o in it.options]
+    for t in load_target_set().targets[:30]:
+        texts += [system_text("persona", t), system_text("icl", t)]
+    texts += [ANSWER_PREFIX, "system", "user", "assistant", "Answer options:", "0 1 2 3 4 5 6 7 8 9"]
+    return texts
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHAT_TEMPLATE
+    # every digit is its own token, also after a space
+    for d in "0123456789":
+        assert len(hf(d, add_special_tokens=False)["input_ids"]) == 1
+    assert hf("Answer: 12", add_special_tokens=False)["input_ids"][-2:] == [hf.convert_tokens_to_ids("1"), hf.convert_tokens_to_ids("2")]
+    return hf
+
+
+def _config(tokenizer, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+        # larger than the default 0.02 so that answers depend clearly on the context (sharper tests)
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from culturalign.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(tiny_tokenizer)).eval().requires_grad_(False)
+    return LoadedModel(model, tiny_tokenizer, name="tiny", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_lm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_lm.model.save_pretrained(folder)
+    tiny_lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bigram_lm(tiny_tokenizer):
+    """A model whose next token depends only on the current token (attention and MLP outputs are zero).
+
+    After the prompt's last token (the space after "Answer:") it says "3" with probability 3/4 and
+    "Answer" (unparsable) with 1/4; after "3" it says the end-of-sequence token. So in logprob mode every
+    item is answered 3 with option mass 0.75, and in sample mode about 3/4 of the answers parse as 3.
+    """
+    from transformers import LlamaForCausalLM
+
+    from culturalign.models import LoadedModel
+
+    tok = tiny_tokenizer
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(
+        _config(tok, num_hidden_layers=1, tie_word_embeddings=False, initializer_range=0.02)
+    ).eval().requires_grad_(False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        space, three, other = (tok.convert_tokens_to_ids(t) for t in ("Ġ", "3", "Answer"))
+        emb[:, :2] = 0.0
+        emb[space] = 0.0
+        emb[space, 0] = 1.0
+        emb[three] = 0.0
+        emb[three, 1] = 1.0
+        head.zero_()
+        r = math.sqrt(32)  # RMS-normalised one-hot vector: sqrt(hidden) on that coordinate
+        head[three, 0] = 10.0
+        head[other, 0] = 10.0 - math.log(3) / r
+        head[tok.eos_token_id, 1] = 10.0
+    return LoadedModel(model, tok, name="bigram", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    from culturalign.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def vsm():
+    from culturalign import load_instrument
+
+    return load_instrument()
