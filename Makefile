@@ -20,14 +20,20 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The main job on the embedded model: measure naive / persona / icl profiles, then align a soft
+# prompt with Differential Evolution (default settings; about 10 minutes on 2 CPU cores).
 demo: install
 	$(BIN)/culturalign survey --country $(COUNTRY) --prompt naive --prompt persona --prompt icl
+	rm -rf runs/demo-$(COUNTRY)
+	$(BIN)/culturalign align --country $(COUNTRY) --out runs/demo-$(COUNTRY)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/survey.py
+	$(BIN)/python benchmarks/fitness.py
+	$(BIN)/python benchmarks/alignment.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

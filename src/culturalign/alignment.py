@@ -182,13 +182,14 @@ class Aligner:
         while len(history) < cfg.budget:
             d = self.survey.distributions(prompt.unsqueeze(0))
             loss = self.survey.loss(d, cfg.mass_floor, cfg.mass_weight)[0]
-            if loss.item() < best_loss:  # the prompt that was just evaluated
-                best, best_loss = prompt.detach().clone(), loss.item()
+            value = loss.detach().item()
+            if value < best_loss:  # the prompt that was just evaluated
+                best, best_loss = prompt.detach().clone(), value
             opt.zero_grad()
             loss.backward()
             opt.step()
             history.append({"generation": len(history) + 1, "evaluations": len(history) + 1, "best_loss": best_loss,
-                            "mean_loss": loss.item(), "best_option_mass": float(d.mass.mean()),
+                            "mean_loss": value, "best_option_mass": float(d.mass.mean()),
                             "seconds": round(time.perf_counter() - t_start, 2)})
             st = opt.state[prompt]
             _atomic_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "history": history, "optimizer_state": {

@@ -22,6 +22,7 @@ from scipy.optimize import OptimizeResult
 from culturalign.errors import CulturalignError
 
 STRATEGIES = ("rand1bin", "best1bin", "currenttobest1bin", "rand2bin")
+NEEDS = {"rand1bin": 3, "best1bin": 2, "currenttobest1bin": 2, "rand2bin": 5}  # distinct partners per trial
 
 
 @dataclass
@@ -38,6 +39,10 @@ class DEConfig:
             raise CulturalignError(f"DE population size must be at least 4, got {self.popsize}")
         if self.strategy not in STRATEGIES:
             raise CulturalignError(f"unknown DE strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if self.popsize < NEEDS[self.strategy] + 1:
+            raise CulturalignError(
+                f"DE strategy {self.strategy} needs a population of at least {NEEDS[self.strategy] + 1}, got {self.popsize}"
+            )
         fs = self.mutation if isinstance(self.mutation, (tuple, list)) else (self.mutation,)
         if not all(0 < f <= 2 for f in fs) or (len(fs) == 2 and fs[0] > fs[1]):
             raise CulturalignError(f"DE mutation F must be in (0, 2] (or a (min, max) pair), got {self.mutation}")
@@ -114,7 +119,7 @@ class DifferentialEvolution:
         trials = np.empty_like(pop)
         for i in range(n):
             others = [j for j in range(n) if j != i]
-            r = self.rng.choice(others, size=5, replace=False)
+            r = self.rng.choice(others, size=NEEDS[cfg.strategy], replace=False)
             if cfg.strategy == "rand1bin":
                 mutant = pop[r[0]] + F * (pop[r[1]] - pop[r[2]])
             elif cfg.strategy == "best1bin":
