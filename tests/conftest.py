@@ -142,3 +142,13 @@ def vsm():
     from culturalign import load_instrument
 
     return load_instrument()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (and, via OMP_NUM_THREADS, its subprocesses): the tiny model
+    gains nothing from more threads, they thrash on a shared 2-core CPU, and the arithmetic stays identical."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

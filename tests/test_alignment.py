@@ -65,13 +65,7 @@ def start_loss(lm, vsm, target, cfg, out) -> float:
         return float(aligner._evaluate(aligner._p0().unsqueeze(0))[0][0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and they thrash on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

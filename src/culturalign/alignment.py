@@ -40,19 +40,19 @@ CHECKPOINT = "checkpoint.json"
 class AlignConfig:
     optimizer: str = "de"
     budget: int = 160  # candidate evaluations (full surveys)
-    tokens: int = 8  # soft prompt length n
-    dim: int = 64  # DE search dimension d (z), n*hidden for no projection
+    tokens: int = 32  # soft prompt length n
+    dim: int = 16  # DE search dimension d (z), n*hidden for no projection
     seed: int = 0
     projection_seed: int | None = None  # default: seed
     init: str = "text"
     init_text: str | None = None  # default: the persona sentence for the target
     prompt: str = "naive"  # profile the soft prompt is prepended to
-    popsize: int = 16
+    popsize: int = 6
     mutation: float | tuple[float, float] = (0.5, 1.0)
     crossover: float = 0.9
     strategy: str = "best1bin"
     bound: float = 1.0
-    sigma: float = 1.0  # std of A z per coordinate, in embedding stds
+    sigma: float = 40.0  # std of A z per coordinate, in embedding stds (see README, measured choice)
     lr: float = 0.02  # adam
     mass_floor: float = 0.5
     mass_weight: float = 100.0
@@ -189,7 +189,7 @@ class Aligner:
             loss.backward()
             opt.step()
             history.append({"generation": len(history) + 1, "evaluations": len(history) + 1, "best_loss": best_loss,
-                            "mean_loss": value, "best_option_mass": float(d.mass.mean()),
+                            "mean_loss": value, "best_option_mass": float(d.mass.detach().mean()),
                             "seconds": round(time.perf_counter() - t_start, 2)})
             st = opt.state[prompt]
             _atomic_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "history": history, "optimizer_state": {
