@@ -38,7 +38,8 @@ def print_profiles(results: list[SurveyResult], console: Console | None = None) 
     console = console or Console()
     r0 = results[0]
     consts = ", ".join(f"{k}={v:g}" for k, v in r0.constants.items())
-    console.print(profile_table(results, title=f"{r0.instrument} profile of {r0.model} ({r0.mode}; C: {consts})"))
+    console.print(profile_table(results, title=f"{r0.instrument} profile of {r0.model} ({r0.mode})"))
+    console.print(f"index constants C: {consts}", soft_wrap=True)
     if r0.target is not None and r0.missing_dims:
         console.print(
             f"[yellow]{r0.target.name} has no published {', '.join(r0.missing_dims)} in this target set; "
