@@ -43,11 +43,12 @@ def print_profiles(results: list[SurveyResult], console: Console | None = None) 
     if r0.target is not None and r0.missing_dims:
         console.print(
             f"[yellow]{r0.target.name} has no published {', '.join(r0.missing_dims)} in this target set; "
-            f"L1 covers {', '.join(r0.l1_dims)} only.[/yellow]"
+            f"L1 covers {', '.join(r0.l1_dims)} only.[/yellow]", soft_wrap=True
         )
     low = [r.prompt for r in results if r.mean_option_mass < 0.5]
     if low:
-        console.print(f"[yellow]low option mass for {', '.join(low)}: the model rarely answers with a code under that prompt.[/yellow]")
+        console.print(f"[yellow]low option mass for {', '.join(low)}: the model rarely answers with a code under that prompt.[/yellow]",
+                      soft_wrap=True)
 
 
 def radar_plot(path, results: list[SurveyResult]) -> None:
