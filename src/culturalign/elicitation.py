@@ -69,11 +69,11 @@ class SurveyEvaluator:
         self.sequences = sequences
         self.root = sequences[0][: min(common_prefix_len(sequences), min(len(s) for s in sequences) - 1)]
         r = len(self.root)
-        grouped = {i for g in (groups or []) for i in g}
-        stages = [g for g in (groups or []) if len(g) > 1] + [[i] for i in range(self.n_items) if i not in grouped]
-        stages += [g for g in (groups or []) if len(g) == 1]
-        singles = [g[0] for g in stages if len(g) == 1]
-        stages = [g for g in stages if len(g) > 1] + ([singles] if singles else [])
+        # Sections of two or more items share a stage; all other items share one last stage.
+        multi = [list(g) for g in (groups or []) if len(g) > 1]
+        in_multi = {i for g in multi for i in g}
+        singles = [i for i in range(self.n_items) if i not in in_multi]
+        stages = multi + ([singles] if singles else [])
         self.stages = []  # (item indices, shared ids after root, [suffix ids per item])
         for g in stages:
             rest = [sequences[i][r:] for i in g]
