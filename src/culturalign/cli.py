@@ -223,7 +223,8 @@ def align(
         console=console,
     )
     with progress:
-        task = progress.add_task(f"align {target.name} ({optimizer})", total=budget, gen=0, best="-")
+        total = budget // popsize * popsize if optimizer == "de" else budget  # DE spends whole generations
+        task = progress.add_task(f"align {target.name} ({optimizer})", total=total, gen=0, best="-")
 
         def update(info):
             progress.update(task, completed=info["evaluations"], gen=info["generation"], best=f"{info['best_loss']:.1f}")
