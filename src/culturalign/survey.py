@@ -76,9 +76,6 @@ class Survey:
             if it.section:
                 sections.setdefault(it.section, []).append(i)
         self.evaluator = SurveyEvaluator(lm, self.sequences, self.option_ids, list(sections.values()), max_rows)
-        self.codes = torch.tensor(instrument.codes, dtype=torch.float32)
-        self.weights = torch.tensor(instrument.weights.T, dtype=torch.float32)
-        self.cvec = torch.tensor([self.constants[d] for d in instrument.dims], dtype=torch.float32)
         if target is not None:
             dims = [d for d in instrument.dims if d in target.scores]
             if not dims:
@@ -91,8 +88,7 @@ class Survey:
 
     def indices(self, dists: Distributions) -> torch.Tensor:
         """[P, n_indices] index scores from answer distributions (differentiable)."""
-        means = dists.probs.float() @ self.codes.to(dists.probs.device)
-        return means @ self.weights.to(means.device) + self.cvec.to(means.device)
+        return self.instrument.score(dists.means(self.instrument.codes).float(), self.constants)
 
     def loss(self, dists: Distributions, mass_floor: float = 0.0, mass_weight: float = 0.0) -> torch.Tensor:
         """[P] L1 distance to the target over its known dimensions, plus an optional option-mass penalty.
@@ -129,19 +125,18 @@ class Survey:
             soft = soft.unsqueeze(0)
         s = sample_answers(self.lm, self.sequences, self.instrument.codes, n, temperature, soft, seed)
         parsed = s.counts.sum(1)
-        probs = np.where(parsed[:, None] > 0, s.counts / np.maximum(parsed[:, None], 1), np.nan)
-        extra = {"seconds": round(time.perf_counter() - t0, 3), "samples_per_item": n, "temperature": temperature,
-                 "unparsable": int(s.unparsable.sum())}
-        res = self._result(probs, parsed / n, label, "sample", extra)
-        for it, bad, ex in zip(res.items, s.unparsable, s.examples):
-            it["unparsable"] = int(bad)
-            if ex:
-                it["unparsable_examples"] = ex
         if (parsed == 0).any():
             missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]
             raise CulturalignError(
                 f"no parsable answer for item(s) {missing} in {n} samples; raise --samples or use --mode logprob"
             )
+        extra = {"seconds": round(time.perf_counter() - t0, 3), "samples_per_item": n, "temperature": temperature,
+                 "unparsable": int(s.unparsable.sum())}
+        res = self._result(s.counts / parsed[:, None], parsed / n, label, "sample", extra)
+        for it, bad, ex in zip(res.items, s.unparsable, s.examples):
+            it["unparsable"] = int(bad)
+            if ex:
+                it["unparsable_examples"] = ex
         return res
 
     def _result(self, probs: np.ndarray, mass: np.ndarray, label, mode, extra) -> SurveyResult:
