@@ -14,7 +14,6 @@ descends the full prompt. Each candidate evaluation is one full survey; the budg
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from culturalign.errors import CulturalignError
+from culturalign.files import atomic_write_json
 from culturalign.instrument import Instrument
 from culturalign.models import LoadedModel
 from culturalign.optimizers import DEConfig, DifferentialEvolution
@@ -86,15 +86,6 @@ class AlignConfig:
         return self.seed if self.projection_seed is None else self.projection_seed
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fingerprint(cfg: AlignConfig, lm: LoadedModel, target: Target, instrument: Instrument) -> dict:
     return {"config": json.loads(json.dumps(asdict(cfg))), "model": lm.name, "target": target.to_json(),
             "instrument": instrument.id}
@@ -109,6 +100,7 @@ class Aligner:
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
         self.survey = Survey(lm, instrument, config.prompt, target, config.constants)
         self.fingerprint = _fingerprint(config, lm, target, instrument)
+        self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
 
     # -- set-up -------------------------------------------------------------------------------
     def _prepare_out(self) -> dict | None:
@@ -160,7 +152,7 @@ class Aligner:
             history.append({"generation": de.generation, "evaluations": de.nfev, "best_loss": de.best[1],
                             "mean_loss": float(np.mean(de.fitness)), "best_option_mass": float(mass[np.argmin(loss)]),
                             "seconds": round(time.perf_counter() - t_start, 2)})
-            _atomic_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "optimizer_state": de.state_dict(),
+            atomic_write_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "optimizer_state": de.state_dict(),
                                                  "history": history})
             self.progress({**history[-1], "budget": cfg.budget})
         return proj(de.best[0])[0], history
@@ -192,7 +184,7 @@ class Aligner:
                             "mean_loss": value, "best_option_mass": float(d.mass.detach().mean()),
                             "seconds": round(time.perf_counter() - t_start, 2)})
             st = opt.state[prompt]
-            _atomic_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "history": history, "optimizer_state": {
+            atomic_write_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "history": history, "optimizer_state": {
                 "prompt": prompt.detach().tolist(), "best": best.tolist(), "best_loss": best_loss,
                 "adam": {"step": float(st["step"]), "exp_avg": st["exp_avg"].tolist(), "exp_avg_sq": st["exp_avg_sq"].tolist()},
             }})
@@ -226,7 +218,8 @@ class Aligner:
             "best_loss": history[-1]["best_loss"],
             "search_seconds": round(search_seconds, 1),
         }
-        _atomic_json(self.out / "result.json", result)
-        write_report(self.out, result, [naive, icl, aligned])
+        atomic_write_json(self.out / "result.json", result)
+        self.profiles = [naive, icl, aligned]
+        write_report(self.out, result, self.profiles)
         (self.out / CHECKPOINT).unlink(missing_ok=True)
         return result

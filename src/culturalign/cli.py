@@ -56,13 +56,6 @@ def _load(model: str, device: Optional[str]):
         return load_model(model, device=device)
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 @app.command()
 def countries(
     targets: str = typer.Option("hofstede-2015", "--targets", help="Target set: hofstede-2015 or hofstede-2023."),
@@ -114,8 +107,6 @@ def survey(
 
     Example: culturalign survey --country CN --prompt naive --prompt persona --prompt icl
     """
-    import torch
-
     from culturalign.instrument import load_instrument
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
@@ -147,13 +138,15 @@ def survey(
                 results.append(s.sample(samples, temperature, soft, seed, label))
     if json_path:
         data = [r.to_json() for r in results]
-        _write_json(json_path, data[0] if len(data) == 1 else data)
+        from culturalign.files import atomic_write_json
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, data[0] if len(data) == 1 else data, indent=2)
         console.print(f"wrote {json_path}")
     print_profiles(results, out)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
         out.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
-    del torch
 
 
 @app.command()
@@ -195,7 +188,6 @@ def align(
     from culturalign.alignment import AlignConfig, Aligner
     from culturalign.instrument import load_instrument
     from culturalign.reports import print_profiles
-    from culturalign.survey import SurveyResult
     from culturalign.targets import load_target
 
     try:
@@ -230,11 +222,8 @@ def align(
             progress.update(task, completed=info["evaluations"], gen=info["generation"], best=f"{info['best_loss']:.1f}")
 
         aligner.progress = update
-        result = aligner.run()
-    profiles = [SurveyResult(**{**{k: v for k, v in result["profiles"][name].items() if k in (
-        "model", "instrument", "prompt", "mode", "constants", "items", "indices")}, "target": target})
-        for name in ("naive", "icl", "aligned")]
-    print_profiles(profiles, out)
+        aligner.run()
+    print_profiles(aligner.profiles, out)
     console.print(f"soft prompt, result.json, report.md, radar.png, convergence.png -> {out_dir}")
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from culturalign.errors import CulturalignError
+from culturalign.files import atomic_write, atomic_write_json
 from culturalign.models import LoadedModel
 
 INITS = ("text", "vocab", "random")
@@ -52,10 +51,10 @@ class SoftPrompt:
             "prompt_tuning_init_text": None, "revision": None, "task_type": "CAUSAL_LM",
             "token_dim": self.embeddings.shape[1], "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
         }
-        _atomic(folder / "adapter_model.safetensors", lambda p: save_file(
+        atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(
             {"prompt_embeddings": self.embeddings.detach().float().cpu().contiguous()}, p))
-        _atomic_text(folder / "adapter_config.json", json.dumps(config, indent=2))
-        _atomic_text(folder / META, json.dumps(self.meta, indent=2))
+        atomic_write_json(folder / "adapter_config.json", config, indent=2)
+        atomic_write_json(folder / META, self.meta, indent=2)
         return folder
 
     @classmethod
@@ -93,27 +92,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CulturalignError(f"soft prompt file {str(path)!r}: expected a JSON object")
     return data
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    def write(p):
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(path, write)
 
 
 def embedding_std(lm: LoadedModel) -> float:
