@@ -63,7 +63,7 @@ def test_cli_align(runner, tiny_dir, tmp_path, popsize, budget):
     for name in ("adapter_config.json", "adapter_model.safetensors", "culturalign.json", "report.md", "radar.png",
                  "convergence.png"):
         assert (out / name).is_file(), name
-    assert not (out / "checkpoint.json").exists()
+    assert read(out / "checkpoint.json")["finished"] is True
     # the comparison table: target, naive, icl, aligned, with each profile's L1
     table = r.stdout
     for word in ("China", "naive", "icl", "aligned", "L1", "PDI", "IVR"):
@@ -75,7 +75,7 @@ def test_cli_align(runner, tiny_dir, tmp_path, popsize, budget):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--budget", "10", "--popsize", "6"], "--budget"),
-    (["--popsize", "3", "--budget", "12"], "population"),
+    (["--popsize", "3", "--budget", "12"], "--popsize"),
     (["--init", "zeros"], "--init"),
     (["--strategy", "best2exp"], "strategy"),
     (["--mutation", "0.5,0.6,0.7"], "--mutation"),
@@ -142,9 +142,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(runner, tiny_dir, tmp_pat
     # without --resume the folder is refused; with it the run completes
     r = runner.invoke(app, base + ["--out", str(killed)])
     assert r.exit_code != 0 and isinstance(r.exception, CulturalignError) and "--resume" in str(r.exception)
-    r = runner.invoke(app, base + ["--out", str(killed), "--resume"])
+    # --resume reads every setting from the checkpoint: --out alone is enough; a setting typed differently is refused
+    r = runner.invoke(app, ["align", "--out", str(killed), "--resume", "--sigma", "3"])
+    assert isinstance(r.exception, CulturalignError) and "--sigma" in str(r.exception), repr(r.exception)
+    r = runner.invoke(app, ["align", "--out", str(killed), "--resume", "--country", "JP"])
+    assert isinstance(r.exception, CulturalignError) and "China" in str(r.exception), repr(r.exception)
+    r = runner.invoke(app, ["align", "--out", str(killed), "--resume", "--sigma", "2"])  # the same value is fine
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert not ckpt.exists()
+    assert read(ckpt)["finished"] is True
+    r = runner.invoke(app, ["align", "--out", str(killed), "--resume"])
+    assert r.exit_code == 0 and "nothing to do" in r.output, r.output
 
     ref = tmp_path / "ref"
     r = runner.invoke(app, base + ["--out", str(ref)])

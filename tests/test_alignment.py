@@ -98,16 +98,19 @@ def check_profile(p, prompt, target):
     for it in p["items"]:
         assert len(it["probs"]) == 5 and sum(it["probs"]) == pytest.approx(1, abs=1e-5)
         assert 0 < it["option_mass"] <= 1
-    assert p["target"] == {"name": target.name, "scores": target.scores}
+    assert p["target"] == target.to_json() and p["target"]["set"] == "hofstede-2015"
     assert p["l1"] == pytest.approx(sum(abs(p["indices"][d] - target.scores[d]) for d in p["l1_dims"]), abs=1e-6)
 
 
 def test_de_run_writes_all_outputs(de_run, tiny_lm, target):
     out, result, seen = de_run
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter_config.json", "adapter_model.safetensors", "convergence.png", "culturalign.json",
-                     "radar.png", "report.md", "result.json"]  # no checkpoint, no temp files left
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.json", "convergence.png",
+                     "culturalign.json", "radar.png", "report.md", "result.json"]  # no temp files left
     assert read(out / "result.json") == json.loads(json.dumps(result))
+    ckpt = read(out / CHECKPOINT)  # kept, marked finished, so that a larger --budget can extend the run
+    assert ckpt["finished"] is True and ckpt["history"] == result["history"] and ckpt["budget"] == 3 * POP
+    assert ckpt["search_seconds"] == pytest.approx(result["search_seconds"], abs=0.1)
 
     cfg = read(out / "adapter_config.json")
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["task_type"] == "CAUSAL_LM"
@@ -286,17 +289,18 @@ def test_de_resume_after_interrupt(de_run, tiny_lm, vsm, target, tmp_path):
     rest = []
     b = Aligner(tiny_lm, vsm, target, config(), out, resume=True, progress=rest.append).run()
     assert [i["generation"] for i in rest] == [2]  # only the remaining generation is run
-    assert not (out / CHECKPOINT).exists()
+    assert read(out / CHECKPOINT)["finished"] is True
     assert losses(read(out / "result.json")) == losses(a)
     assert b["profiles"]["aligned"]["indices"] == a["profiles"]["aligned"]["indices"]
     assert b["profiles"]["aligned"]["items"] == a["profiles"]["aligned"]["items"]
     assert torch.equal(prompt_tensor(out), prompt_tensor(out_a))
 
-    # a finished run is neither overwritten nor resumed
-    with pytest.raises(CulturalignError, match="--resume"):
+    # a finished run is not overwritten; resumed with the same budget there is nothing to do
+    with pytest.raises(CulturalignError, match="finished run .* --resume"):
         Aligner(tiny_lm, vsm, target, config(), out).run()
-    with pytest.raises(CulturalignError, match="finished"):
-        Aligner(tiny_lm, vsm, target, config(), out, resume=True).run()
+    assert Aligner(tiny_lm, vsm, target, config(), out, resume=True).nothing_to_do
+    with pytest.raises(CulturalignError, match="below the"):
+        Aligner(tiny_lm, vsm, target, config(budget=2 * POP), out, resume=True)
 
 
 def test_de_resume_after_initial_population(de_run, tiny_lm, vsm, target, tmp_path):
@@ -312,6 +316,76 @@ def test_de_resume_after_initial_population(de_run, tiny_lm, vsm, target, tmp_pa
     assert torch.equal(prompt_tensor(out), prompt_tensor(out_a))
 
 
+def test_finished_run_extends_to_the_longer_runs_result(de_run, tiny_lm, vsm, target, tmp_path):
+    """A finished run resumed with a larger budget ends exactly where a run with that budget from the start ends."""
+    import shutil
+
+    out_a, a, _ = de_run
+    longer = Aligner(tiny_lm, vsm, target, config(budget=4 * POP), tmp_path / "long").run()
+    out = tmp_path / "ext"
+    shutil.copytree(out_a, out)
+    rest = []
+    b = Aligner(tiny_lm, vsm, target, config(budget=4 * POP), out, resume=True, progress=rest.append).run()
+    assert [i["generation"] for i in rest] == [3]  # only the new generation runs
+    assert losses(b) == losses(longer)
+    assert torch.equal(prompt_tensor(out), prompt_tensor(tmp_path / "long"))
+    assert read(out / CHECKPOINT)["budget"] == 4 * POP
+
+
+def test_resume_continues_the_clock(tiny_lm, vsm, target, tmp_path):
+    out = tmp_path / "clock"
+    progress, _ = interrupt_after(1)
+    with pytest.raises(Interrupt):
+        Aligner(tiny_lm, vsm, target, config(), out, progress=progress).run()
+    before = read(out / CHECKPOINT)
+    assert before["search_seconds"] >= before["history"][-1]["seconds"] > 0
+    b = Aligner(tiny_lm, vsm, target, config(), out, resume=True).run()
+    seconds = [h["seconds"] for h in b["history"]]
+    assert seconds == sorted(seconds) and seconds[:2] == [h["seconds"] for h in before["history"]]
+    assert seconds[2] > before["search_seconds"]  # the resumed generation counts on from the saved time
+    assert b["search_seconds"] >= seconds[-1] - 0.1
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "not valid JSON"),
+    ('{"fingerprint": {', "not valid JSON"),
+    ("[]", "expected a JSON object"),
+    ("{}", "'fingerprint' is missing"),
+    ('{"fingerprint": {"config": {}, "target": {}}, "optimizer_state": {}, "history": [], "budget": 6}', "no finished generation"),
+    ('{"fingerprint": {"config": {}}, "optimizer_state": {}, "history": [{"evaluations": 6}], "budget": 6}', "settings"),
+])
+def test_damaged_checkpoint_is_one_clear_error(content, needle, tiny_lm, vsm, target, tmp_path):
+    out = tmp_path / "damaged"
+    out.mkdir()
+    (out / CHECKPOINT).write_text(content)
+    with pytest.raises(CulturalignError, match=needle) as e:
+        Aligner(tiny_lm, vsm, target, config(), out, resume=True).run()
+    assert "damaged" in str(e.value) and (out / CHECKPOINT).read_text() == content
+
+
+def test_damaged_optimizer_state_is_one_clear_error(tiny_lm, vsm, target, tmp_path):
+    out = tmp_path / "damaged"
+    progress, _ = interrupt_after(0)
+    with pytest.raises(Interrupt):
+        Aligner(tiny_lm, vsm, target, config(), out, progress=progress).run()
+    state = read(out / CHECKPOINT)
+    del state["optimizer_state"]["rng"]
+    (out / CHECKPOINT).write_text(json.dumps(state))
+    with pytest.raises(CulturalignError, match="damaged"):
+        Aligner(tiny_lm, vsm, target, config(), out, resume=True).run()
+
+
+def test_out_with_unrelated_files_is_refused(tiny_lm, vsm, target, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(CulturalignError, match="not empty"):
+        Aligner(tiny_lm, vsm, target, config(), out).run()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(CulturalignError, match="nothing to resume"):
+        Aligner(tiny_lm, vsm, target, config(), out, resume=True).run()
+
+
 def test_adam_run(adam_run, tiny_lm, vsm, target):
     out, result = adam_run
     h = result["history"]
@@ -322,7 +396,7 @@ def test_adam_run(adam_run, tiny_lm, vsm, target):
     assert best == list(np.minimum.accumulate([x["mean_loss"] for x in h]))
     assert h[-1]["mean_loss"] < h[0]["mean_loss"]  # gradient steps lower the loss
     assert result["settings"]["optimizer"] == "adam"
-    assert not (out / CHECKPOINT).exists()
+    assert read(out / CHECKPOINT)["finished"] is True
     # the saved prompt is the best prompt evaluated
     res = Survey(tiny_lm, vsm, "naive", target).result(SoftPrompt.load(out).embeddings)
     for d in DIMS:
@@ -356,9 +430,23 @@ def test_adam_resume_after_interrupt(adam_run, tiny_lm, vsm, target, tmp_path):
     ({"budget": 0, "optimizer": "adam"}, "budget"),
     ({"tokens": 0}, "tokens"),
     ({"lr": 0.0, "optimizer": "adam"}, "lr"),
-    ({"popsize": 3, "budget": 100}, "population"),
+    ({"popsize": 3, "budget": 100}, "popsize"),
     ({"strategy": "best2exp"}, "strategy"),
     ({"crossover": 1.5}, "crossover"),
+    ({"dim": 0}, "--dim"),
+    ({"sigma": 0.0}, "--sigma"),
+    ({"sigma": float("nan")}, "--sigma"),
+    ({"sigma": float("inf")}, "--sigma"),
+    ({"lr": float("nan"), "optimizer": "adam"}, "--lr"),
+    ({"bound": float("inf")}, "--bound"),
+    ({"mass_floor": float("nan")}, "--mass-floor"),
+    ({"mass_floor": -1.0}, "--mass-floor"),
+    ({"mass_floor": 1.5}, "--mass-floor"),
+    ({"mass_weight": -100.0}, "--mass-weight"),
+    ({"mass_weight": float("inf")}, "--mass-weight"),
+    ({"seed": -1}, "--seed"),
+    ({"projection_seed": -3}, "--projection-seed"),
+    ({"init_text": "  "}, "--init-text"),
 ])
 def test_config_validation(kw, needle):
     with pytest.raises(CulturalignError, match=needle):
@@ -369,10 +457,10 @@ def test_config_valid_for_adam_with_small_budget():
     config(optimizer="adam", budget=1).validate()  # the DE population rule does not apply to adam
 
 
-@pytest.mark.parametrize("kw,needle", [({"dim": 2 * 32 + 1}, "dim"), ({"sigma": 0.0}, "sigma")])
-def test_bad_projection_is_user_error(kw, needle, tiny_lm, vsm, target, tmp_path):
-    with pytest.raises(CulturalignError, match=needle):
-        Aligner(tiny_lm, vsm, target, config(**kw), tmp_path / "x").run()
+def test_bad_projection_is_user_error_and_leaves_no_folder(tiny_lm, vsm, target, tmp_path):
+    with pytest.raises(CulturalignError, match="dim"):
+        Aligner(tiny_lm, vsm, target, config(dim=2 * 32 + 1), tmp_path / "x").run()
+    assert not (tmp_path / "x").exists()  # the folder is created with the first checkpoint, not before
 
 
 def test_out_is_a_file(tiny_lm, vsm, target, tmp_path):
@@ -385,6 +473,6 @@ def test_out_is_a_file(tiny_lm, vsm, target, tmp_path):
 def test_finished_folder_is_protected(de_run, tiny_lm, vsm, target):
     out, _, _ = de_run
     before = (out / "result.json").read_bytes()
-    with pytest.raises(CulturalignError, match="already holds a run"):
+    with pytest.raises(CulturalignError, match="already holds a finished run"):
         Aligner(tiny_lm, vsm, target, config(seed=5), out).run()
     assert (out / "result.json").read_bytes() == before

@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import culturalign
 from culturalign import CulturalignError, load_instrument, load_target
 from culturalign.cli import app
 from culturalign.softprompt import SoftPrompt
@@ -110,7 +111,10 @@ def test_survey_json_contract(runner, tiny_dir, tmp_path):
     check_profile(p, "naive")
     assert p["model"] == str(tiny_dir)
     assert p["constants"] == {d: 0.0 for d in DIMS}
-    assert p["target"] == {"name": "China", "scores": {"PDI": 80, "IDV": 20, "MAS": 66, "UAI": 30, "LTO": 87, "IVR": 24}}
+    assert p["target"] == {"name": "China", "set": "hofstede-2015", "code": "CHI", "iso2": "CN", "iso3": "CHN",
+                           "scores": {"PDI": 80, "IDV": 20, "MAS": 66, "UAI": 30, "LTO": 87, "IVR": 24},
+                           "source": "hofstede-2015-08-16"}
+    assert p["culturalign_version"] == culturalign.__version__
     assert isinstance(p["l1"], float)
     assert p["l1_dims"] == DIMS
     assert p["l1"] == pytest.approx(sum(abs(p["indices"][d] - p["target"]["scores"][d]) for d in DIMS), abs=1e-6)
@@ -183,7 +187,8 @@ def test_survey_target_file(runner, tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     p = read(out)
     check_profile(p, "naive")
-    assert p["target"] == {"name": "Testland", "scores": {"PDI": 55.0, "UAI": 70.0}}
+    assert p["target"] == {"name": "Testland", "set": "mine", "code": "", "iso2": "", "iso3": "",
+                           "scores": {"PDI": 55.0, "UAI": 70.0}, "source": str(tf)}
     assert p["l1_dims"] == ["PDI", "UAI"]
     assert p["l1"] == pytest.approx(abs(p["indices"]["PDI"] - 55) + abs(p["indices"]["UAI"] - 70), abs=1e-6)
 

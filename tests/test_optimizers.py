@@ -281,8 +281,8 @@ def test_minimize_de_callback_stops():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"popsize": 3}, "population"),
-    ({"popsize": 0}, "population"),
+    ({"popsize": 3}, "popsize"),
+    ({"popsize": 0}, "popsize"),
     ({"strategy": "best2exp"}, "strategy"),
     ({"mutation": 0.0}, "mutation"),
     ({"mutation": 2.5}, "mutation"),
@@ -292,6 +292,10 @@ def test_minimize_de_callback_stops():
     ({"crossover": 1.5}, "crossover"),
     ({"bound": 0.0}, "bound"),
     ({"bound": -1.0}, "bound"),
+    ({"bound": float("inf")}, "bound"),
+    ({"bound": float("nan")}, "bound"),
+    ({"mutation": float("nan")}, "mutation"),
+    ({"crossover": float("nan")}, "crossover"),
 ])
 def test_config_validation(kwargs, needle):
     with pytest.raises(CulturalignError, match=needle):

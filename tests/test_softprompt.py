@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import json
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import culturalign
 from culturalign import CulturalignError, load_target
 from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt
 from culturalign.survey import Survey
@@ -36,7 +38,9 @@ def test_save_load_roundtrip(tmp_path, tiny_lm, prompt):
     assert torch.equal(tensors["prompt_embeddings"], prompt)
     sp = SoftPrompt.load(folder, tiny_lm.hidden_size)
     assert torch.equal(sp.embeddings, prompt)
-    assert sp.meta == meta
+    assert sp.meta == {**meta, "culturalign_version": culturalign.__version__}  # save records the version
+    assert sp.source == {"path": str(folder), "sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(),
+                         "n_tokens": 5}
     assert sp.n_tokens == 5
 
 
@@ -46,7 +50,7 @@ def test_save_without_model_and_overwrite(tmp_path, prompt):
     SoftPrompt(prompt[:2] * 2, {"prompt": "icl"}).save(folder)
     sp = SoftPrompt.load(folder)
     assert torch.equal(sp.embeddings, prompt[:2] * 2)
-    assert sp.meta == {"prompt": "icl"}
+    assert sp.meta == {"prompt": "icl", "culturalign_version": culturalign.__version__}
     assert json.loads((folder / "adapter_config.json").read_text())["num_virtual_tokens"] == 2
 
 
@@ -66,8 +70,11 @@ def test_width_mismatch(tmp_path, prompt):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CulturalignError, match="adapter_model.safetensors"):
+    with pytest.raises(CulturalignError, match="nope' does not exist"):
         SoftPrompt.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CulturalignError, match="adapter_model.safetensors"):
+        SoftPrompt.load(tmp_path / "empty")
 
 
 def test_wrong_peft_type(tmp_path, prompt):

@@ -4,7 +4,8 @@ One run = one output folder:
     adapter_config.json, adapter_model.safetensors, culturalign.json   the soft prompt (PEFT format)
     result.json        settings, naive / icl / aligned profiles (survey schema), per-generation history
     report.md, radar.png, convergence.png
-    checkpoint.json    optimiser state after every generation (atomic); `resume=True` continues it
+    checkpoint.json    optimiser state after every generation (atomic); `resume=True` continues it, and a
+                       finished run (its checkpoint says so) can be extended with a larger budget
 
 The objective is `Survey.loss`: the L1 distance of the six indices (on the target's known dimensions)
 plus an option-mass penalty. DE searches z in [-b, b]^d with prompt = p0 + A z (`Projection`); Adam
@@ -14,6 +15,7 @@ descends the full prompt. Each candidate evaluation is one full survey; the budg
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,10 +61,21 @@ class AlignConfig:
     constants: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> "AlignConfig":
+        """Check every field before any work starts; errors name the command-line flag."""
         if self.optimizer not in OPTIMIZERS:
             raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.init not in INITS:
             raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
+        for flag, value in (("--budget", self.budget), ("--tokens", self.tokens), ("--dim", self.dim)):
+            if value < 1:
+                raise CulturalignError(f"{flag} must be at least 1, got {value}")
+        for flag, value in (("--seed", self.seed), ("--projection-seed", self.projection_seed)):
+            if value is not None and not 0 <= value < 2**32:
+                raise CulturalignError(f"{flag} must be between 0 and 2^32 - 1, got {value}")
+        _finite("--sigma", self.sigma, low=0.0, low_open=True)
+        _finite("--lr", self.lr, low=0.0, low_open=True)
+        _finite("--mass-floor", self.mass_floor, low=0.0, high=1.0)
+        _finite("--mass-weight", self.mass_weight, low=0.0)
         if self.optimizer == "de":
             self.de_config()
             if self.budget < 2 * self.popsize:
@@ -70,12 +83,8 @@ class AlignConfig:
                     f"--budget {self.budget} is too small for a population of {self.popsize}: "
                     f"need at least {2 * self.popsize} evaluations (initial population + one generation)"
                 )
-        if self.budget < 1:
-            raise CulturalignError(f"--budget must be positive, got {self.budget}")
-        if self.tokens < 1:
-            raise CulturalignError(f"--tokens must be at least 1, got {self.tokens}")
-        if self.lr <= 0:
-            raise CulturalignError(f"--lr must be positive, got {self.lr}")
+        if self.init_text is not None and not self.init_text.strip():
+            raise CulturalignError("--init-text is empty; give a sentence, or leave it out for the persona sentence")
         return self
 
     def de_config(self) -> DEConfig:
@@ -86,9 +95,85 @@ class AlignConfig:
         return self.seed if self.projection_seed is None else self.projection_seed
 
 
+def _finite(flag: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+    """A finite number within [low, high] (or (low, high] when `low_open`), or one error naming the flag."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        if low is not None and high is not None:
+            want = f"a number in [{low:g}, {high:g}]"
+        elif low is not None:
+            want = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            want = "a finite number"
+        raise CulturalignError(f"{flag} must be {want}, got {value}")
+
+
 def _fingerprint(cfg: AlignConfig, lm: LoadedModel, target: Target, instrument: Instrument) -> dict:
-    return {"config": json.loads(json.dumps(asdict(cfg))), "model": lm.name, "target": target.to_json(),
-            "instrument": instrument.id}
+    """What a resumed run must share with the checkpoint: every setting except the budget (which may grow)."""
+    config = json.loads(json.dumps(asdict(cfg)))
+    config.pop("budget")
+    return {"config": config, "model": lm.name, "target": target.to_json(), "instrument": instrument.id}
+
+
+def read_checkpoint(out: str | Path) -> dict:
+    """A run folder's checkpoint, checked for the keys a resume needs; a damaged file is one clear error."""
+    from culturalign.files import read_json_file
+
+    path = Path(out) / CHECKPOINT
+    try:
+        state = read_json_file(path, "checkpoint")
+    except CulturalignError as e:
+        raise CulturalignError(f"{e}; the checkpoint is damaged: delete {str(path)!r} (or the folder) to start over") from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"expected a JSON object, got {type(state).__name__}"
+    else:
+        for key, kind in (("fingerprint", dict), ("optimizer_state", dict), ("history", list), ("budget", int)):
+            if not isinstance(state.get(key), kind):
+                problem = f"{key!r} is missing or not a JSON {'object' if kind is dict else kind.__name__}"
+                break
+        else:
+            fp = state["fingerprint"]
+            if not isinstance(fp.get("config"), dict) or not isinstance(fp.get("target"), dict):
+                problem = "'fingerprint' lacks the run's settings"
+            elif not state["history"] or not all(isinstance(h, dict) and "evaluations" in h for h in state["history"]):
+                problem = "'history' has no finished generation"
+    if problem:
+        raise CulturalignError(
+            f"checkpoint {str(path)!r} is damaged ({problem}); delete it (or the folder) to start over"
+        )
+    return state
+
+
+def inspect_out(out: str | Path, resume: bool) -> dict | None:
+    """What --out holds, checked before the model loads: None for a new or empty folder, the checkpoint to
+    continue with `resume`, or one error (not writable, unrelated files, a run without --resume, ...)."""
+    from culturalign.files import check_output_dir
+
+    out = Path(out)
+    check_output_dir(out, "--out")
+    if (out / CHECKPOINT).exists():
+        state = read_checkpoint(out)
+        done, finished = state["history"][-1]["evaluations"], bool(state.get("finished"))
+        if not resume:
+            what = f"a finished run ({done} evaluations)" if finished else f"an interrupted run ({done} evaluations)"
+            hint = "extend it with --resume and a larger --budget" if finished else "continue it with --resume"
+            raise CulturalignError(f"{out} already holds {what}; {hint}, or choose another --out")
+        return state
+    if (out / "result.json").exists():
+        raise CulturalignError(
+            f"{out} holds a finished run (result.json) without its {CHECKPOINT}; it cannot be resumed or extended: "
+            "choose another --out"
+        )
+    if resume:
+        raise CulturalignError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
+    if out.is_dir() and any(out.iterdir()):
+        raise CulturalignError(f"--out {str(out)!r} is not empty and holds no culturalign run; choose a new or empty folder")
+    return None
 
 
 class Aligner:
@@ -101,31 +186,39 @@ class Aligner:
         self.survey = Survey(lm, instrument, config.prompt, target, config.constants)
         self.fingerprint = _fingerprint(config, lm, target, instrument)
         self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
+        self.state = self._prepare_out()
+        self.t_start = 0.0
 
     # -- set-up -------------------------------------------------------------------------------
+    @property
+    def evaluations_done(self) -> int:
+        return self.state["history"][-1]["evaluations"] if self.state else 0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """A finished run asked to resume with a budget its last generation already used up."""
+        if not self.state or not self.state.get("finished"):
+            return False
+        step = self.cfg.popsize if self.cfg.optimizer == "de" else 1
+        return self.evaluations_done + step > self.cfg.budget
+
     def _prepare_out(self) -> dict | None:
-        ckpt = self.out / CHECKPOINT
-        if self.out.exists() and not self.out.is_dir():
-            raise CulturalignError(f"--out {str(self.out)!r} exists and is not a folder")
-        if ckpt.exists() or (self.out / "result.json").exists():
-            if not self.resume:
-                raise CulturalignError(
-                    f"{self.out} already holds a run; pass --resume to continue it, or choose another --out"
-                )
-            if not ckpt.exists():
-                raise CulturalignError(f"{self.out} holds a finished run (result.json) and no checkpoint to resume")
-            state = json.loads(ckpt.read_text())
-            if state.get("fingerprint") != self.fingerprint:
-                old, new = state.get("fingerprint", {}), self.fingerprint
-                diff = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
-                diff += [k for k in ("model", "target", "instrument") if old.get(k) != new[k]]
-                raise CulturalignError(
-                    f"cannot resume {self.out}: its run used different settings ({', '.join(diff) or 'format'}); "
-                    "rerun with the same options, or choose another --out"
-                )
-            return state
-        self.out.mkdir(parents=True, exist_ok=True)
-        return None
+        """Check --out before any work: a new or empty folder, or (with resume) a checkpoint of the same run."""
+        state = inspect_out(self.out, self.resume)
+        if state is None:
+            return None
+        done = state["history"][-1]["evaluations"]
+        if state["fingerprint"] != self.fingerprint:
+            old, new = state["fingerprint"], self.fingerprint
+            diff = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
+            diff += [k for k in ("model", "target", "instrument") if old.get(k) != new[k]]
+            raise CulturalignError(
+                f"cannot resume {self.out}: its run used different settings ({', '.join(diff) or 'format'}); "
+                "rerun with the same options, or choose another --out"
+            )
+        if self.cfg.budget < done:
+            raise CulturalignError(f"--budget {self.cfg.budget} is below the {done} evaluations {self.out} has already done")
+        return state
 
     def _p0(self) -> torch.Tensor:
         text = self.cfg.init_text or system_text("persona", self.target).split(". ")[0] + "."
@@ -137,12 +230,32 @@ class Aligner:
             loss = self.survey.loss(d, self.cfg.mass_floor, self.cfg.mass_weight)
         return loss.double().cpu().numpy(), d.mass.double().mean(-1).cpu().numpy()
 
+    def _seconds(self) -> float:
+        return round(time.perf_counter() - self.t_start, 2)
+
+    def _checkpoint(self, optimizer_state: dict, history: list, finished: bool = False, seconds: float | None = None) -> None:
+        from culturalign import __version__
+
+        self.out.mkdir(parents=True, exist_ok=True)  # created with the first checkpoint, not before
+        atomic_write_json(self.out / CHECKPOINT, {
+            "culturalign_version": __version__, "fingerprint": self.fingerprint, "budget": self.cfg.budget,
+            "instrument_source": self.instrument.source or self.instrument.id,
+            "finished": finished, "search_seconds": self._seconds() if seconds is None else seconds, "optimizer_state": optimizer_state,
+            "history": history,
+        })
+
     # -- optimisers -----------------------------------------------------------------------------
-    def _run_de(self, state: dict | None, p0: torch.Tensor, t_start: float) -> tuple[torch.Tensor, list]:
+    def _run_de(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
         cfg = self.cfg
         proj = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.lm), cfg.bound, cfg.sigma)
         if state:
-            de, history = DifferentialEvolution.from_state(state["optimizer_state"]), state["history"]
+            try:
+                de = DifferentialEvolution.from_state(state["optimizer_state"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CulturalignError(
+                    f"checkpoint {str(self.out / CHECKPOINT)!r} is damaged (optimizer state: {e!r}); delete it to start over"
+                ) from None
+            history = state["history"]
         else:
             de, history = DifferentialEvolution(proj.dim, cfg.de_config(), cfg.seed), []
         while de.nfev + cfg.popsize <= cfg.budget:
@@ -151,30 +264,46 @@ class Aligner:
             de.tell(loss)
             history.append({"generation": de.generation, "evaluations": de.nfev, "best_loss": de.best[1],
                             "mean_loss": float(np.mean(de.fitness)), "best_option_mass": float(mass[np.argmin(loss)]),
-                            "seconds": round(time.perf_counter() - t_start, 2)})
-            atomic_write_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "optimizer_state": de.state_dict(),
-                                                 "history": history})
+                            "seconds": self._seconds()})
+            self._check_finite(history[-1])
+            self._checkpoint(de.state_dict(), history)
             self.progress({**history[-1], "budget": cfg.budget})
-        return proj(de.best[0])[0], history
+        return proj(de.best[0])[0], history, de.state_dict()
 
-    def _run_adam(self, state: dict | None, p0: torch.Tensor, t_start: float) -> tuple[torch.Tensor, list]:
+    def _run_adam(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
         cfg = self.cfg
         prompt = p0.clone().requires_grad_(True)
         opt = torch.optim.Adam([prompt], lr=cfg.lr)
         history, best, best_loss = [], p0.clone(), float("inf")
         if state:
-            s = state["optimizer_state"]
-            with torch.no_grad():
-                prompt.copy_(torch.tensor(s["prompt"]))
-            best, best_loss, history = torch.tensor(s["best"]), s["best_loss"], state["history"]
-            if s["adam"] is not None:
-                st = s["adam"]
-                opt.state[prompt] = {"step": torch.tensor(float(st["step"])), "exp_avg": torch.tensor(st["exp_avg"]),
-                                     "exp_avg_sq": torch.tensor(st["exp_avg_sq"])}
+            try:
+                s = state["optimizer_state"]
+                with torch.no_grad():
+                    prompt.copy_(torch.tensor(s["prompt"]))
+                best, best_loss, history = torch.tensor(s["best"]), float(s["best_loss"]), state["history"]
+                if s["adam"] is not None:
+                    st = s["adam"]
+                    opt.state[prompt] = {"step": torch.tensor(float(st["step"])), "exp_avg": torch.tensor(st["exp_avg"]),
+                                         "exp_avg_sq": torch.tensor(st["exp_avg_sq"])}
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CulturalignError(
+                    f"checkpoint {str(self.out / CHECKPOINT)!r} is damaged (optimizer state: {e!r}); delete it to start over"
+                ) from None
+
+        def adam_state() -> dict:
+            st = opt.state.get(prompt)
+            return {"prompt": prompt.detach().tolist(), "best": best.tolist(), "best_loss": best_loss,
+                    "adam": None if not st else {"step": float(st["step"]), "exp_avg": st["exp_avg"].tolist(),
+                                                 "exp_avg_sq": st["exp_avg_sq"].tolist()}}
+
         while len(history) < cfg.budget:
             d = self.survey.distributions(prompt.unsqueeze(0))
             loss = self.survey.loss(d, cfg.mass_floor, cfg.mass_weight)[0]
             value = loss.detach().item()
+            if not math.isfinite(value):
+                raise CulturalignError(
+                    f"adam step {len(history) + 1} gave a non-finite loss; lower --lr (now {cfg.lr:g})"
+                )
             if value < best_loss:  # the prompt that was just evaluated
                 best, best_loss = prompt.detach().clone(), value
             opt.zero_grad()
@@ -182,26 +311,30 @@ class Aligner:
             opt.step()
             history.append({"generation": len(history) + 1, "evaluations": len(history) + 1, "best_loss": best_loss,
                             "mean_loss": value, "best_option_mass": float(d.mass.detach().mean()),
-                            "seconds": round(time.perf_counter() - t_start, 2)})
-            st = opt.state[prompt]
-            atomic_write_json(self.out / CHECKPOINT, {"fingerprint": self.fingerprint, "history": history, "optimizer_state": {
-                "prompt": prompt.detach().tolist(), "best": best.tolist(), "best_loss": best_loss,
-                "adam": {"step": float(st["step"]), "exp_avg": st["exp_avg"].tolist(), "exp_avg_sq": st["exp_avg_sq"].tolist()},
-            }})
+                            "seconds": self._seconds()})
+            self._checkpoint(adam_state(), history)
             self.progress({**history[-1], "budget": cfg.budget})
-        return best, history
+        return best, history, adam_state()
+
+    def _check_finite(self, entry: dict) -> None:
+        if not math.isfinite(entry["best_loss"]):
+            raise CulturalignError(
+                f"no candidate gave a finite loss after {entry['evaluations']} evaluations: the model's answers became "
+                f"NaN; lower --sigma (now {self.cfg.sigma:g}) or --bound (now {self.cfg.bound:g})"
+            )
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
+        from culturalign import __version__
         from culturalign.reports import write_report
 
-        state = self._prepare_out()
-        t0 = time.perf_counter()
+        state = self.state
+        self.t_start = time.perf_counter() - (float(state.get("search_seconds", 0.0)) if state else 0.0)
         torch.manual_seed(self.cfg.seed)
         p0 = self._p0()
         run = self._run_de if self.cfg.optimizer == "de" else self._run_adam
-        best, history = run(state, p0, t0)
-        search_seconds = time.perf_counter() - t0
+        best, history, final_state = run(state, p0)
+        search_seconds = time.perf_counter() - self.t_start
         meta = {"prompt": self.cfg.prompt, "instrument": self.instrument.id, "model": self.lm.name,
                 "target": self.target.to_json(), "optimizer": self.cfg.optimizer, "best_loss": history[-1]["best_loss"]}
         SoftPrompt(best, meta).save(self.out, self.lm.name, self.lm)
@@ -209,6 +342,7 @@ class Aligner:
         icl = Survey(self.lm, self.instrument, "icl", self.target, self.cfg.constants).result(label="icl")
         aligned = self.survey.result(best, label="aligned")
         result = {
+            "culturalign_version": __version__,
             "settings": {**asdict(self.cfg), "projection_seed": self.cfg.proj_seed, "model": self.lm.name,
                          "instrument": self.instrument.id, "target": self.target.to_json(),
                          "constants": self.survey.constants},
@@ -221,5 +355,5 @@ class Aligner:
         atomic_write_json(self.out / "result.json", result)
         self.profiles = [naive, icl, aligned]
         write_report(self.out, result, self.profiles)
-        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        self._checkpoint(final_state, history, finished=True, seconds=round(search_seconds, 2))
         return result

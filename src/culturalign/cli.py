@@ -1,8 +1,12 @@
-"""The `culturalign` command line (Typer). Every user error is one red line, never a traceback."""
+"""The `culturalign` command line (Typer). Every user error is one red line, never a traceback.
+
+`main()` runs the Typer app without click's standalone handling, so usage errors (an unknown option,
+a value of the wrong type), `CulturalignError`s and Ctrl-C all end the same way: one line on stderr
+naming the input and what was expected, and exit status 2 (130 for an interrupt).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,18 +16,56 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from culturalign.errors import CulturalignError
 
+
+def _no_flag_types(params):
+    """Flags (boolean options and --help) take no value, so their help rows show no type."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx):
+        return _no_flag_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx):
+        return _no_flag_types(super().get_params(ctx))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from culturalign import __version__
+
+        Console().print(f"culturalign {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     help="Measure and align a frozen language model's cultural profile (Hofstede's VSM 2013).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=Group,
 )
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the culturalign version and exit.")):
+    """Measure and align a frozen language model's cultural profile (Hofstede's VSM 2013)."""
+
+
 console = Console(stderr=True)
 out = Console()
 
 MODEL_HELP = "smollm2-135m (embedded default), a local Hugging Face model directory, or a hub id."
 COUNTRY_HELP = "Target country or region: ISO code (CN, CHN), Hofstede code (CHI) or name (China)."
+TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --target-file)."
 
 
 def _quiet_libraries() -> None:
@@ -37,38 +79,62 @@ def _quiet_libraries() -> None:
 
 
 def _parse_constants(values: list[str] | None) -> dict[str, float]:
-    constants = {}
+    import math
+
+    constants: dict[str, float] = {}
     for v in values or []:
         key, sep, num = v.partition("=")
+        key = key.strip().upper()
         try:
-            if not sep:
+            if not sep or not key:
                 raise ValueError
-            constants[key.strip().upper()] = float(num)
+            value = float(num)
         except ValueError:
             raise CulturalignError(f"--constant {v!r}: expected INDEX=NUMBER, e.g. --constant PDI=50") from None
+        if not math.isfinite(value):
+            raise CulturalignError(f"--constant {v!r}: expected a finite number, e.g. --constant PDI=50")
+        if key in constants:
+            raise CulturalignError(f"--constant {v!r}: {key} is given more than once")
+        constants[key] = value
     return constants
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the user typed option `name` (not a default)."""
+    from typer._click.core import ParameterSource  # Typer vendors click; its contexts use this enum
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _target(ctx: typer.Context, country, targets, target_file):
+    from culturalign.targets import load_target
+
+    if target_file is not None and _given(ctx, "targets"):
+        raise CulturalignError(f"--targets {targets!r} and --target-file both name targets; give only one of them")
+    return load_target(country, targets, target_file)
 
 
 def _load(model: str, device: Optional[str]):
     from culturalign.models import load_model
 
-    with console.status(f"loading model {model} ..."):
+    with console.status(f"loading model {escape(model)} ..."):
         return load_model(model, device=device)
 
 
-@app.command()
+@app.command(cls=Command)
 def countries(
-    targets: str = typer.Option("hofstede-2015", "--targets", help="Target set: hofstede-2015 or hofstede-2023."),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help="Target set: hofstede-2015 or hofstede-2023."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """List the countries and regions of a target set with their six scores."""
     from rich.table import Table
 
+    from culturalign.files import dumps
     from culturalign.targets import DIMS, load_target_set
 
     ts = load_target_set(targets)
     if as_json:
-        out.print_json(json.dumps([
+        out.print_json(dumps([
             {"name": t.name, "hofstede_code": t.code, "iso2": t.iso2, "iso3": t.iso3, "kind": t.kind,
              "scores": t.scores, "source": t.source} for t in ts.targets
         ]))
@@ -82,113 +148,138 @@ def countries(
     out.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 def survey(
-    country: Optional[str] = typer.Option(None, "--country", "-c", help=COUNTRY_HELP),
+    ctx: typer.Context,
+    country: Optional[str] = typer.Option(None, "--country", "-c", metavar="COUNTRY", help=COUNTRY_HELP),
     prompt: list[str] = typer.Option(
-        None, "--prompt", "-p",
+        None, "--prompt", "-p", metavar="PROFILE",
         help="Prompt profile, repeatable: naive (item alone), persona (answer as a typical person from the country), "
         "icl (persona + the country's published scores). Default: naive, or only the soft prompt if --soft-prompt is given.",
     ),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    targets: str = typer.Option("hofstede-2015", "--targets", help="Target set: hofstede-2015 or hofstede-2023."),
-    target_file: Optional[Path] = typer.Option(None, "--target-file", help="Your own targets: CSV/JSON with name + any of PDI IDV MAS UAI LTO IVR."),
-    instrument: str = typer.Option("vsm2013", "--instrument", help="Built-in instrument id or a JSON file of the same schema."),
-    constant: list[str] = typer.Option(None, "--constant", help="Index constant C, repeatable: --constant PDI=50. Default 0 for all."),
-    mode: str = typer.Option("logprob", "--mode", help="logprob: next-token distribution over the answer codes; sample: generate and parse answers."),
-    samples: int = typer.Option(20, "--samples", help="Answers generated per item in sample mode."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature in sample mode."),
-    soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", help="A saved soft prompt folder (PEFT prompt-tuning format), profile 'soft'."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (sample mode)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the profile(s) here: one object for one profile, a list for several."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:N]; default cuda when available."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
+    target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets: CSV/JSON with name + any of PDI IDV MAS UAI LTO IVR."),
+    instrument: str = typer.Option("vsm2013", "--instrument", metavar="ID|FILE", help="Built-in instrument id or a JSON file of the same schema."),
+    constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50. Default 0 for all."),
+    mode: str = typer.Option("logprob", "--mode", metavar="MODE", help="logprob: next-token distribution over the answer codes; sample: generate and parse answers."),
+    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="Answers generated per item (sample mode only). [default: 20]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="Sampling temperature, >= 0; 0 = greedy (sample mode only). [default: 1.0]"),
+    soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", metavar="DIR", help="A saved soft prompt folder (PEFT prompt-tuning format), profile 'soft'."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Random seed (sample mode only). [default: 0]"),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the profile(s) here (- = standard output): one object for one profile, a list for several."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]; default cuda when available."),
 ):
     """Measure the model's six Hofstede dimensions with the VSM 2013 and compare them with a country.
 
     Example: culturalign survey --country CN --prompt naive --prompt persona --prompt icl
     """
+    from culturalign.files import STDOUT, check_output_file, write_json_output
     from culturalign.instrument import load_instrument
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
     from culturalign.softprompt import SoftPrompt
     from culturalign.survey import MODES, Survey
-    from culturalign.targets import load_target
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode != "sample":
+        given = [f"--{n}" for n in ("samples", "temperature", "seed") if _given(ctx, n)]
+        if given:
+            raise CulturalignError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --mode sample only; add --mode sample or leave {'it' if len(given) == 1 else 'them'} out")
+    samples = 20 if samples is None else samples
+    temperature = 1.0 if temperature is None else temperature
+    seed = 0 if seed is None else seed
+    if samples < 1:
+        raise CulturalignError(f"--samples must be at least 1, got {samples}")
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise CulturalignError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     prompts = list(prompt or ([] if soft_prompt else ["naive"]))
     for p in prompts:
         if p not in PROFILES:
             raise CulturalignError(f"--prompt {p!r}: expected one of {', '.join(PROFILES)}")
+        if prompts.count(p) > 1:
+            raise CulturalignError(f"--prompt {p!r} is given more than once; each profile is measured once")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     inst = load_instrument(instrument)
     constants = inst.constants(_parse_constants(constant))
-    target = load_target(country, targets, target_file) if (country or target_file) else None
+    target = _target(ctx, country, targets, target_file) if (country is not None or target_file) else None
+    sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None  # fails before the model loads
     lm = _load(model, device)
-    runs = [(p, p, None) for p in prompts]
-    if soft_prompt:
-        sp = SoftPrompt.load(soft_prompt, lm.hidden_size)
-        runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings))
+    runs = [(p, p, None, None) for p in prompts]
+    if sp is not None:
+        sp.check_width(lm.hidden_size)
+        runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings, sp.source))
     results = []
-    for label, base, soft in runs:
+    for label, base, soft, source in runs:
         with console.status(f"asking {len(inst.items)} items ({label}, {mode}) ..."):
             s = Survey(lm, inst, base, target, constants)
             if mode == "logprob":
-                results.append(s.result(soft, label))
+                r = s.result(soft, label)
             else:
-                results.append(s.sample(samples, temperature, soft, seed, label))
-    if json_path:
+                r = s.sample(samples, temperature, soft, seed, label)
+        if source is not None:
+            r.extra["soft_prompt"] = source
+        results.append(r)
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
         data = [r.to_json() for r in results]
-        from culturalign.files import atomic_write_json
-
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(json_path, data[0] if len(data) == 1 else data, indent=2)
-        console.print(f"wrote {json_path}")
-    print_profiles(results, out)
+        write_json_output(json_path, data[0] if len(data) == 1 else data)
+        if not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    shown = console if to_stdout else out  # keep standard output pure JSON with --json -
+    print_profiles(results, shown)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
-        out.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
+        shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
 
 
-@app.command()
+ALIGN_EPILOG = "Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget to extend a finished run."
+
+
+@app.command(cls=Command, epilog=ALIGN_EPILOG)
 def align(
-    country: Optional[str] = typer.Option(None, "--country", "-c", help=COUNTRY_HELP),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    targets: str = typer.Option("hofstede-2015", "--targets", help="Target set: hofstede-2015 or hofstede-2023."),
-    target_file: Optional[Path] = typer.Option(None, "--target-file", help="Your own targets (CSV/JSON)."),
-    optimizer: str = typer.Option("de", "--optimizer", help="de: Differential Evolution (black-box, the paper's method); adam: gradient descent on the full prompt (white-box comparison)."),
-    budget: int = typer.Option(160, "--budget", help="Candidate evaluations (each one full 24-item survey). DE: popsize per generation; adam: one per step."),
-    tokens: int = typer.Option(32, "--tokens", help="Soft prompt length n (virtual tokens)."),
-    dim: int = typer.Option(16, "--dim", help="DE search dimension d: prompt = p0 + A z with z in R^d; tokens x hidden = no projection."),
-    seed: int = typer.Option(0, "--seed", help="Seed for DE, initialisation and (unless --projection-seed) the projection A."),
-    projection_seed: Optional[int] = typer.Option(None, "--projection-seed", help="Seed of the random projection A (default: --seed)."),
-    init: str = typer.Option("text", "--init", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
-    init_text: Optional[str] = typer.Option(None, "--init-text", help="Text for --init text (default: 'You are a typical person from <country>.')."),
-    popsize: int = typer.Option(6, "--popsize", help="DE population size."),
-    mutation: str = typer.Option("0.5,1.0", "--mutation", help="DE F: a number, or 'min,max' dithered per generation."),
-    crossover: float = typer.Option(0.9, "--crossover", help="DE crossover probability CR."),
-    strategy: str = typer.Option("best1bin", "--strategy", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
-    bound: float = typer.Option(1.0, "--bound", help="DE box: z in [-bound, bound]^d."),
-    sigma: float = typer.Option(40.0, "--sigma", help="Size of the DE search around the initial prompt: std of A z per coordinate, in units of the embedding table's std."),
-    lr: float = typer.Option(0.02, "--lr", help="Adam learning rate."),
-    mass_floor: float = typer.Option(0.5, "--mass-floor", help="Option mass below which the penalty applies."),
-    mass_weight: float = typer.Option(100.0, "--mass-weight", help="Penalty weight (0 = off)."),
-    constant: list[str] = typer.Option(None, "--constant", help="Index constant C, repeatable: --constant PDI=50."),
-    instrument: str = typer.Option("vsm2013", "--instrument", help="Built-in instrument id or a JSON file."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<country>-<optimizer>-s<seed>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpoint."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:N]."),
+    ctx: typer.Context,
+    country: Optional[str] = typer.Option(None, "--country", "-c", metavar="COUNTRY", help=COUNTRY_HELP),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
+    target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
+    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="de: Differential Evolution (black-box, the paper's method); adam: gradient descent on the full prompt (white-box comparison)."),
+    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey. DE spends whole generations of --popsize and needs at least 2 x popsize; adam: one per step."),
+    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
+    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension d, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for DE, initialisation and (unless --projection-seed) the projection A."),
+    projection_seed: Optional[int] = typer.Option(None, "--projection-seed", metavar="N", help="Seed of the random projection A (default: --seed)."),
+    init: str = typer.Option("text", "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
+    init_text: Optional[str] = typer.Option(None, "--init-text", metavar="TEXT", help="Text for --init text (default: 'You are a typical person from <country>.')."),
+    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size: at least 4 (best1bin), 4 (rand1bin, currenttobest1bin) or 6 (rand2bin)."),
+    mutation: str = typer.Option("0.5,1.0", "--mutation", metavar="F", help="DE F in (0, 2]: a number, or 'min,max' dithered per generation."),
+    crossover: float = typer.Option(0.9, "--crossover", metavar="CR", help="DE crossover probability CR in [0, 1]."),
+    strategy: str = typer.Option("best1bin", "--strategy", metavar="NAME", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
+    bound: float = typer.Option(1.0, "--bound", metavar="B", help="DE box: z in [-B, B]^d, B > 0."),
+    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="Size of the DE search around the initial prompt (> 0): std of A z per coordinate, in units of the embedding table's std."),
+    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate (> 0)."),
+    mass_floor: float = typer.Option(0.5, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
+    mass_weight: float = typer.Option(100.0, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
+    constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
+    instrument: str = typer.Option("vsm2013", "--instrument", metavar="ID|FILE", help="Built-in instrument id or a JSON file."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder, new or empty (default runs/<country>-<optimizer>-s<seed>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, with its saved settings (a larger --budget extends a finished run)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
     """Search a soft prompt that moves the model's VSM 2013 profile to a country's Hofstede scores.
 
     Writes the soft prompt (PEFT prompt-tuning format), result.json, report.md, radar.png and
-    convergence.png to --out. Example: culturalign align --country CN --budget 160
+    convergence.png to --out, and checkpoint.json after every generation.
+    Example: culturalign align --country CN --budget 160
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from culturalign.alignment import AlignConfig, Aligner
+    from culturalign.alignment import CHECKPOINT, AlignConfig, Aligner, inspect_out
     from culturalign.instrument import load_instrument
     from culturalign.reports import print_profiles
-    from culturalign.targets import load_target
+    from culturalign.targets import Target
 
     try:
         parts = [float(x) for x in mutation.split(",")]
@@ -196,47 +287,136 @@ def align(
             raise ValueError
     except ValueError:
         raise CulturalignError(f"--mutation {mutation!r}: expected a number or 'min,max'") from None
-    inst = load_instrument(instrument)
-    target = load_target(country, targets, target_file)
-    cfg = AlignConfig(
-        optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
-        init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
-        crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, lr=lr, mass_floor=mass_floor, mass_weight=mass_weight,
-        constants=inst.constants(_parse_constants(constant)),
-    ).validate()
-    slug = "".join(ch if ch.isalnum() else "-" for ch in (target.iso2 or target.code or target.name)).strip("-")
-    out_dir = out_dir or Path("runs") / f"{slug}-{optimizer}-s{seed}"
+    if resume and out_dir is None:
+        raise CulturalignError("--resume needs --out: the folder of the run to continue")
+    state = inspect_out(out_dir, resume) if out_dir is not None else None
+    if state is not None:  # --resume: the run's own settings, checked against any the user typed again
+        saved = state["fingerprint"]
+        inst = load_instrument(state.get("instrument_source") or saved["instrument"])
+        cfg = _resumed_config(ctx, saved["config"], budget if _given(ctx, "budget") else state["budget"], locals(), parts)
+        target = Target.from_json(saved["target"])
+        if country is not None or target_file is not None:
+            typed = _target(ctx, country, targets, target_file)
+            if typed.to_json() != saved["target"]:
+                raise CulturalignError(
+                    f"--country/--target-file name {typed.name!r}, but the run in {out_dir} aligns to "
+                    f"{saved['target']['name']!r}; leave them out to continue it"
+                )
+        if _given(ctx, "model") and model != saved["model"]:
+            raise CulturalignError(f"--model {model!r} differs from the run's model {saved['model']!r}; leave it out to continue")
+        model = saved["model"]
+    else:
+        inst = load_instrument(instrument)
+        target = _target(ctx, country, targets, target_file)
+        cfg = AlignConfig(
+            optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
+            init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
+            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, lr=lr, mass_floor=mass_floor,
+            mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
+        ).validate()
+        if out_dir is None:
+            slug = "".join(ch if ch.isalnum() else "-" for ch in (target.iso2 or target.code or target.name)).strip("-")
+            out_dir = Path("runs") / f"{slug}-{cfg.optimizer}-s{cfg.seed}"
+            inspect_out(out_dir, resume)
     lm = _load(model, device)
     with console.status("preparing ..."):
         aligner = Aligner(lm, inst, target, cfg, out_dir, resume)
+    if aligner.nothing_to_do:
+        console.print(f"{escape(str(out_dir))} is finished ({aligner.evaluations_done} evaluations); nothing to do. "
+                      "Pass a larger --budget to extend it.", highlight=False, soft_wrap=True)
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
         TextColumn("gen {task.fields[gen]}  best L1 {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console,
     )
-    with progress:
-        total = budget // popsize * popsize if optimizer == "de" else budget  # DE spends whole generations
-        task = progress.add_task(f"align {target.name} ({optimizer})", total=total, gen=0, best="-")
+    try:
+        with progress:
+            total = cfg.budget // cfg.popsize * cfg.popsize if cfg.optimizer == "de" else cfg.budget  # DE: whole generations
+            task = progress.add_task(f"align {escape(target.name)} ({cfg.optimizer})", total=total,
+                                     completed=aligner.evaluations_done, gen="-", best="-")
 
-        def update(info):
-            progress.update(task, completed=info["evaluations"], gen=info["generation"], best=f"{info['best_loss']:.1f}")
+            def update(info):
+                progress.update(task, completed=info["evaluations"], gen=info["generation"], best=f"{info['best_loss']:.1f}")
 
-        aligner.progress = update
-        aligner.run()
+            aligner.progress = update
+            aligner.run()
+    except KeyboardInterrupt:
+        ckpt = Path(out_dir) / CHECKPOINT
+        if ckpt.exists():
+            console.print(f"[yellow]interrupted:[/yellow] the checkpoint in {escape(str(out_dir))} is kept; continue with "
+                          f"`culturalign align --out {escape(str(out_dir))} --resume`", highlight=False, soft_wrap=True)
+        else:
+            console.print("[yellow]interrupted[/yellow] before the first generation finished; nothing was written",
+                          highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
     print_profiles(aligner.profiles, out)
-    console.print(f"soft prompt, result.json, report.md, radar.png, convergence.png -> {out_dir}")
+    console.print(f"soft prompt, result.json, report.md, radar.png, convergence.png -> {escape(str(out_dir))}", highlight=False)
+
+
+# Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
+RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize", "mutation",
+             "crossover", "strategy", "bound", "sigma", "lr", "mass_floor", "mass_weight")
+
+
+def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
+    """The checkpoint's AlignConfig with the new budget; a setting typed again must equal the saved one."""
+    from culturalign.alignment import AlignConfig
+
+    values = dict(saved)
+    if isinstance(values.get("mutation"), list):
+        values["mutation"] = tuple(values["mutation"])
+    typed = {**typed, "mutation": mutation[0] if len(mutation) == 1 else tuple(mutation)}
+    for name in RESUMABLE:
+        if _given(ctx, name) and typed[name] != values.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise CulturalignError(
+                f"{flag} {typed[name]!r} differs from the run's {values.get(name)!r}; leave it out to continue with "
+                "the saved settings"
+            )
+    if _given(ctx, "constant"):
+        constants = _parse_constants(typed["constant"])
+        if any(values["constants"].get(k.upper()) != v for k, v in constants.items()):
+            raise CulturalignError(f"--constant differs from the run's constants {values['constants']}; leave it out")
+    try:
+        return AlignConfig(**values, budget=budget).validate()
+    except TypeError as e:
+        raise CulturalignError(f"the checkpoint's settings are not understood ({e}); it was written by another version") from None
+
+
+def _error_line(message: str) -> None:
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit status; never raises."""
+    from typer._click import exceptions as click_errors  # Typer vendors click
+
+    _quiet_libraries()
+    try:
+        code = app(args=argv, prog_name="culturalign", standalone_mode=False)
+    except CulturalignError as e:
+        _error_line(str(e))
+        return 2
+    except click_errors.NoArgsIsHelpError:  # the help has been printed
+        return 0
+    except click_errors.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _error_line(f"{e.format_message()}{where}")
+        return 2
+    except (KeyboardInterrupt, typer.Abort, click_errors.Abort):
+        code = 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    if code == 130:  # Ctrl-C in a command that keeps nothing (align says more itself)
+        console.print("[yellow]interrupted[/yellow]: nothing was written", highlight=False)
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:
-    _quiet_libraries()
-    try:
-        app()
-    except CulturalignError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        sys.exit(130)
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ works on numpy arrays and torch tensors alike (the optimizer differentiates thro
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,7 @@ class Instrument:
     citation: str = ""
     terms_of_use: str = ""
     defaults: dict[str, float] = field(default_factory=dict)  # default constant C per index
+    source: str = ""  # how it was loaded: a built-in id or the file's path (to load it again, e.g. on resume)
 
     @property
     def dims(self) -> list[str]:
@@ -70,6 +72,8 @@ class Instrument:
             key = k.upper()
             if key not in c:
                 raise CulturalignError(f"unknown index {k!r} in constants; expected one of {', '.join(self.dims)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CulturalignError(f"index constant {key}={v!r}: expected a finite number")
             c[key] = float(v)
         return c
 
@@ -150,15 +154,15 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
         for t in spec.get("terms", []):
             ok = isinstance(t, dict) and {"weight", "plus", "minus"} <= set(t)
             if not ok or t["plus"] not in seen or t["minus"] not in seen or isinstance(t["weight"], bool) \
-                    or not isinstance(t["weight"], (int, float)):
+                    or not isinstance(t["weight"], (int, float)) or not math.isfinite(t["weight"]):
                 _fail(path, f"index {code}: each term needs a numeric weight, and plus/minus naming existing item ids; got {t}")
             terms.append(Term(float(t["weight"]), int(t["plus"]), int(t["minus"])))
         if not terms:
             _fail(path, f"index {code}: no terms")
         indices[code.upper()] = Index(code.upper(), spec.get("name", code), tuple(terms))
         const = spec.get("constant", 0)
-        if isinstance(const, bool) or not isinstance(const, (int, float)):
-            _fail(path, f"index {code}: constant must be a number, got {const!r}")
+        if isinstance(const, bool) or not isinstance(const, (int, float)) or not math.isfinite(const):
+            _fail(path, f"index {code}: constant must be a finite number, got {const!r}")
         defaults[code.upper()] = float(const)
     return Instrument(
         id=str(data["id"]), name=str(data["name"]), items=items, indices=indices, codes=codes,
@@ -170,14 +174,16 @@ def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
     """A built-in instrument by id (`vsm2013`) or a user's JSON file of the same schema."""
     if name_or_path in BUILTIN:
         text = resources.files("culturalign.data.instruments").joinpath(f"{name_or_path}.json").read_text("utf-8")
-        return parse_instrument(json.loads(text), name_or_path)
+        inst = parse_instrument(json.loads(text), name_or_path)
+        inst.source = name_or_path
+        return inst
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise CulturalignError(
             f"instrument {name_or_path!r} not found: expected a built-in id ({', '.join(BUILTIN)}) or a JSON file path"
         )
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CulturalignError(f"{path}: not valid JSON ({e})") from None
-    return parse_instrument(data, str(path))
+    from culturalign.files import read_json_file
+
+    inst = parse_instrument(read_json_file(path, "instrument file"), str(path))
+    inst.source = str(path)
+    return inst

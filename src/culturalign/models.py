@@ -127,6 +127,9 @@ def embedded_model_dir() -> Path:
     st = gguf.stat()
     folder = cache_dir() / "models" / f"{EMBEDDED}-{st.st_size}"
     if not cache_is_valid(folder):
+        from culturalign.files import check_output_dir
+
+        check_output_dir(folder.parent, f"model cache ${CACHE_ENV}")
         if folder.exists():
             log.warning("model cache %s is incomplete or corrupt; rebuilding it", folder)
         _build_embedded_cache(gguf, folder)
@@ -155,25 +158,49 @@ def default_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")  # a vocabulary
+
+
+def _check_local_dir(spec: str, p: Path) -> None:
+    """One clear line for a local model folder that cannot be a Hugging Face model (before transformers sees it)."""
+    if not p.exists():
+        raise CulturalignError(f"model directory {spec!r} does not exist")
+    if not p.is_dir():
+        raise CulturalignError(f"--model {spec!r} is a file; expected a Hugging Face model folder (config.json, weights, tokenizer)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise CulturalignError(f"model directory {spec!r} has no config.json; expected a Hugging Face model folder")
+    try:
+        data = json.loads(cfg.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CulturalignError(f"model directory {spec!r}: config.json is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise CulturalignError(f"model directory {spec!r}: config.json has no 'model_type'; expected a Hugging Face model config")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CulturalignError(
+            f"model directory {spec!r} has no tokenizer vocabulary (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
+
+
 def load_model(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a frozen model in eval mode: float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not spec or not spec.strip():
+        raise CulturalignError("--model '' is empty; expected smollm2-135m, a local model folder or a hub id")
     dev = default_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    local = False
     if spec == EMBEDDED:
-        source, name = str(embedded_model_dir()), EMBEDDED
+        source, name, local = str(embedded_model_dir()), EMBEDDED, True
     elif Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         p = Path(spec).expanduser()
-        if not p.is_dir():
-            raise CulturalignError(f"model directory {spec!r} does not exist")
-        if not (p / "config.json").is_file():
-            raise CulturalignError(f"model directory {spec!r} has no config.json; expected a Hugging Face model folder")
-        source, name = str(p), str(p)
+        _check_local_dir(spec, p)
+        source, name, local = str(p), str(p), True
     else:
         source, name = spec, spec
     # Hub ids: the local Hugging Face cache first; the network only when the hub's host resolves.
-    offline = source != spec or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -185,8 +212,10 @@ def load_model(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dty
                     raise
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers, tokenizers and safetensors raise many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise CulturalignError(f"model directory {name!r} could not be loaded: {first[:300]}") from None
         raise CulturalignError(
             f"model {spec!r} could not be loaded: not '{EMBEDDED}', not a local model directory, "
             f"and not available from the Hugging Face hub or its local cache ({first[:200]})"

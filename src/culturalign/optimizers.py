@@ -36,7 +36,7 @@ class DEConfig:
 
     def validate(self) -> "DEConfig":
         if self.popsize < 4:
-            raise CulturalignError(f"DE population size must be at least 4, got {self.popsize}")
+            raise CulturalignError(f"--popsize must be at least 4 for DE, got {self.popsize}")
         if self.strategy not in STRATEGIES:
             raise CulturalignError(f"unknown DE strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if self.popsize < NEEDS[self.strategy] + 1:
@@ -45,11 +45,11 @@ class DEConfig:
             )
         fs = self.mutation if isinstance(self.mutation, (tuple, list)) else (self.mutation,)
         if not all(0 < f <= 2 for f in fs) or (len(fs) == 2 and fs[0] > fs[1]):
-            raise CulturalignError(f"DE mutation F must be in (0, 2] (or a (min, max) pair), got {self.mutation}")
+            raise CulturalignError(f"--mutation (DE F) must be in (0, 2], or a 'min,max' pair within it, got {self.mutation}")
         if not 0 <= self.crossover <= 1:
-            raise CulturalignError(f"DE crossover CR must be in [0, 1], got {self.crossover}")
-        if self.bound <= 0:
-            raise CulturalignError(f"DE bound must be positive, got {self.bound}")
+            raise CulturalignError(f"--crossover (DE CR) must be in [0, 1], got {self.crossover}")
+        if not (0 < self.bound < float("inf")):
+            raise CulturalignError(f"--bound (DE box) must be a finite positive number, got {self.bound}")
         return self
 
 

@@ -34,6 +34,7 @@ META = "culturalign.json"
 class SoftPrompt:
     embeddings: torch.Tensor  # [n, hidden]
     meta: dict = field(default_factory=dict)
+    source: dict | None = None  # where it was loaded from: {"path", "sha256"} of the tensor file (reproducibility)
 
     @property
     def n_tokens(self) -> int:
@@ -41,6 +42,10 @@ class SoftPrompt:
 
     def save(self, folder: str | Path, base_model: str = "", lm: LoadedModel | None = None) -> Path:
         folder = Path(folder)
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] < 1:
+            raise CulturalignError(f"a soft prompt must have shape [n >= 1, hidden], got {list(self.embeddings.shape)}")
+        if not torch.isfinite(self.embeddings).all():
+            raise CulturalignError(f"refusing to save a soft prompt with NaN or infinite values to {str(folder)!r}")
         folder.mkdir(parents=True, exist_ok=True)
         cfg = lm.model.config if lm is not None else None
         config = {
@@ -54,12 +59,18 @@ class SoftPrompt:
         atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(
             {"prompt_embeddings": self.embeddings.detach().float().cpu().contiguous()}, p))
         atomic_write_json(folder / "adapter_config.json", config, indent=2)
-        atomic_write_json(folder / META, self.meta, indent=2)
+        from culturalign import __version__
+
+        atomic_write_json(folder / META, {**self.meta, "culturalign_version": __version__}, indent=2)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, hidden_size: int | None = None) -> "SoftPrompt":
+        """Read a PEFT prompt-tuning folder; every inconsistency is one clear error naming the file."""
         folder = Path(folder)
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise CulturalignError(f"soft prompt {str(folder)!r} {what}; expected a PEFT prompt-tuning folder")
         weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
             raise CulturalignError(f"soft prompt {str(folder)!r}: no adapter_model.safetensors (expected a PEFT prompt-tuning folder)")
@@ -70,24 +81,48 @@ class SoftPrompt:
         if "prompt_embeddings" not in tensors or tensors["prompt_embeddings"].dim() != 2:
             raise CulturalignError(f"soft prompt {str(weights)!r}: expected one tensor 'prompt_embeddings' of shape [n, hidden]")
         emb = tensors["prompt_embeddings"].float()
+        if emb.shape[0] < 1 or emb.shape[1] < 1:
+            raise CulturalignError(f"soft prompt {str(weights)!r}: tensor 'prompt_embeddings' is empty, shape {list(emb.shape)}")
+        if not torch.isfinite(emb).all():
+            raise CulturalignError(f"soft prompt {str(weights)!r} holds NaN or infinite values")
         cfg_path = folder / "adapter_config.json"
         if cfg_path.is_file():
             cfg = _read_json(cfg_path)
             if cfg.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
                 raise CulturalignError(f"soft prompt {str(folder)!r}: peft_type is {cfg.get('peft_type')!r}, expected PROMPT_TUNING")
-        if hidden_size is not None and emb.shape[1] != hidden_size:
-            raise CulturalignError(
-                f"soft prompt {str(folder)!r} has width {emb.shape[1]} but the model's embeddings have {hidden_size}: "
-                "it was made for another model"
-            )
+            for key, actual in (("num_virtual_tokens", emb.shape[0]), ("token_dim", emb.shape[1])):
+                declared = cfg.get(key)
+                if declared is not None and declared != actual:
+                    raise CulturalignError(
+                        f"soft prompt {str(cfg_path)!r}: {key} is {declared!r} but the tensor has shape "
+                        f"{list(emb.shape)} (n, hidden); the folder is inconsistent"
+                    )
         meta = _read_json(folder / META) if (folder / META).is_file() else {}
-        return cls(emb, meta)
+        sp = cls(emb, meta, {"path": str(folder), "sha256": _sha256(weights), "n_tokens": int(emb.shape[0])})
+        if hidden_size is not None:
+            sp.check_width(hidden_size)
+        return sp
+
+    def check_width(self, hidden_size: int) -> None:
+        """A prompt made for another model (another embedding width) is an error naming its folder."""
+        if self.embeddings.shape[1] != hidden_size:
+            where = repr(self.source["path"]) if self.source else "the soft prompt"
+            raise CulturalignError(
+                f"soft prompt {where} has width {self.embeddings.shape[1]} but the model's embeddings have "
+                f"{hidden_size}: it was made for another model"
+            )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise CulturalignError(f"soft prompt file {str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CulturalignError(f"soft prompt file {str(path)!r}: expected a JSON object")

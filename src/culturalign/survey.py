@@ -7,6 +7,7 @@ so the profile an aligned prompt is scored with during search is the one it is r
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -54,10 +55,13 @@ class SurveyResult:
         return float(np.mean([it["option_mass"] for it in self.items]))
 
     def to_json(self) -> dict:
+        from culturalign import __version__
+
         return {
+            "culturalign_version": __version__,
             "model": self.model, "instrument": self.instrument, "prompt": self.prompt, "mode": self.mode,
             "constants": self.constants, "items": self.items, "indices": self.indices,
-            "target": None if self.target is None else {"name": self.target.name, "scores": self.target.scores},
+            "target": None if self.target is None else self.target.to_json(),
             "l1": self.l1, "l1_dims": self.l1_dims, "missing_dims": self.missing_dims,
             "mean_option_mass": self.mean_option_mass, **self.extra,
         }
@@ -120,6 +124,8 @@ class Survey:
         """Sample mode: `n` generated answers per item; distributions are the parsed answers' frequencies."""
         if n < 1:
             raise CulturalignError(f"--samples must be at least 1, got {n}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise CulturalignError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         t0 = time.perf_counter()
         if soft is not None and soft.dim() == 2:
             soft = soft.unsqueeze(0)
@@ -140,6 +146,11 @@ class Survey:
         return res
 
     def _result(self, probs: np.ndarray, mass: np.ndarray, label, mode, extra) -> SurveyResult:
+        if not (np.isfinite(probs).all() and np.isfinite(mass).all()):
+            raise CulturalignError(
+                f"the model's answer probabilities are NaN or infinite under prompt {label or self.prompt!r}; "
+                "its inputs (e.g. a soft prompt) or weights are broken"
+            )
         codes = np.asarray(self.instrument.codes, dtype=float)
         means = probs @ codes
         items = [

@@ -39,8 +39,16 @@ class Target:
     def missing(self, dims=DIMS) -> list[str]:
         return [d for d in dims if d not in self.scores]
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Target":
+        """The inverse of `to_json` (a run's saved target, e.g. for `align --resume`)."""
+        return cls(name=data["name"], scores={k: float(v) for k, v in data["scores"].items()}, code=data.get("code", ""),
+                   iso2=data.get("iso2", ""), iso3=data.get("iso3", ""), source=data.get("source", ""),
+                   set_name=data.get("set", ""))
+
     def to_json(self) -> dict:
-        return {"name": self.name, "set": self.set_name, "code": self.code, "scores": dict(self.scores), "source": self.source}
+        return {"name": self.name, "set": self.set_name, "code": self.code, "iso2": self.iso2, "iso3": self.iso3,
+                "scores": dict(self.scores), "source": self.source}
 
 
 @dataclass
@@ -78,16 +86,21 @@ class TargetSet:
         )
 
 
+MISSING = ("", "#null!", "na", "n/a", "null")  # markers of a score the source does not publish (case-insensitive)
+
+
 def _number(text: str, where: str) -> float | None:
     text = (text or "").strip()
-    if text in ("", "#NULL!", "NA", "nan", "null"):
+    if text.casefold() in MISSING:
         return None
     try:
         v = float(text)
     except ValueError:
-        raise CulturalignError(f"{where}: expected a number, got {text!r}") from None
+        raise CulturalignError(f"{where}: expected a number (or an empty cell for a missing score), got {text!r}") from None
     if not math.isfinite(v) or abs(v) > 1000:
-        raise CulturalignError(f"{where}: expected a finite score (|x| <= 1000), got {text!r}")
+        raise CulturalignError(
+            f"{where}: expected a finite score (|x| <= 1000; leave the cell empty for a missing score), got {text!r}"
+        )
     return v
 
 
@@ -141,15 +154,44 @@ def load_target_set(name: str = DEFAULT_SET) -> TargetSet:
     return _rows_to_set(name, list(csv.DictReader(io.StringIO(text))), name)
 
 
+def _csv_rows(text: str, p: Path) -> list[dict]:
+    """Rows of a CSV with a header; a short or long row, or a repeated column, is an error."""
+    try:
+        table = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise CulturalignError(f"{p}: not a readable CSV file ({e})") from None
+    table = [r for r in table if any(c.strip() for c in r)]  # blank lines
+    if not table:
+        raise CulturalignError(f"{p}: empty file; expected a CSV header with a 'name' column and any of {', '.join(DIMS)}")
+    header = [c.strip().lower() for c in table[0]]
+    if "name" not in header:
+        raise CulturalignError(f"{p}: expected a CSV header with a 'name' column and any of {', '.join(DIMS)}")
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise CulturalignError(f"{p}: column(s) {', '.join(map(repr, dup))} appear more than once in the header")
+    rows = []
+    for n, r in enumerate(table[1:], start=1):
+        if len(r) != len(header):
+            raise CulturalignError(
+                f"{p}, row {n}: {len(r)} value(s) but the header has {len(header)} column(s) ({', '.join(header)})"
+            )
+        rows.append(dict(zip(header, r)))
+    return rows
+
+
 def load_target_file(path: str | Path) -> TargetSet:
     """A user's targets: CSV with a header, or JSON (a list of objects, or {name: {dim: score}})."""
     p = Path(path)
+    if p.is_dir():
+        raise CulturalignError(f"target file {str(p)!r} is a folder; expected a CSV or JSON file")
     if not p.is_file():
         raise CulturalignError(f"target file {str(p)!r} not found")
     try:
         text = p.read_text("utf-8-sig")
     except UnicodeDecodeError:
         raise CulturalignError(f"{p}: not UTF-8 text") from None
+    except OSError as e:
+        raise CulturalignError(f"target file {str(p)!r} cannot be read ({e.strerror or e})") from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -161,10 +203,7 @@ def load_target_file(path: str | Path) -> TargetSet:
             raise CulturalignError(f"{p}: expected a list of objects or an object mapping names to scores")
         rows = data
     else:
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "name" not in [f.strip().lower() for f in reader.fieldnames]:
-            raise CulturalignError(f"{p}: expected a CSV header with a 'name' column and any of {', '.join(DIMS)}")
-        rows = [{(k or "").strip().lower(): v for k, v in r.items()} for r in reader]
+        rows = _csv_rows(text, p)
     for i, row in enumerate(rows, start=1):
         if isinstance(row, dict):
             unknown = [k for k in row if str(k).strip().lower() not in KNOWN_COLUMNS]
@@ -177,6 +216,8 @@ def load_target_file(path: str | Path) -> TargetSet:
 
 def load_target(country: str | None, set_name: str = DEFAULT_SET, target_file: str | Path | None = None) -> Target:
     """Resolve `--country` against a built-in set, or against `--target-file` (its only row if no country)."""
+    if country is not None and not country.strip():
+        raise CulturalignError("--country '' is empty; expected a country code or name, e.g. CN or China")
     if target_file:
         ts = load_target_file(target_file)
         if country is None:
