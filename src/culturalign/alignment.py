@@ -182,6 +182,8 @@ class Aligner:
     def __init__(self, lm: LoadedModel, instrument: Instrument, target: Target, config: AlignConfig, out: str | Path,
                  resume: bool = False, progress: Callable[[dict], None] | None = None):
         self.lm, self.instrument, self.target, self.cfg = lm, instrument, target, config.validate()
+        if config.optimizer == "de":
+            Projection.check_dim(config.dim, config.tokens * lm.hidden_size)
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
         self.survey = Survey(lm, instrument, config.prompt, target, config.constants)
         self.fingerprint = _fingerprint(config, lm, target, instrument)

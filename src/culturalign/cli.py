@@ -406,7 +406,7 @@ def run(argv: list[str] | None = None) -> int:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _error_line(f"{e.format_message()}{where}")
         return 2
-    except (KeyboardInterrupt, typer.Abort, click_errors.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         code = 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1

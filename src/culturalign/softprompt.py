@@ -158,8 +158,7 @@ class Projection:
     def __init__(self, p0: torch.Tensor, dim: int, seed: int, emb_std: float, bound: float = 1.0, sigma: float = 1.0):
         self.p0, self.shape, self.dim, self.seed, self.bound = p0.float(), tuple(p0.shape), dim, seed, bound
         full = p0.numel()
-        if not 1 <= dim <= full:
-            raise CulturalignError(f"--dim must be between 1 and {full} (tokens x hidden size), got {dim}")
+        self.check_dim(dim, full)
         if sigma <= 0:
             raise CulturalignError(f"--sigma must be positive, got {sigma}")
         self.sigma = sigma
@@ -171,6 +170,11 @@ class Projection:
         else:
             g = torch.Generator().manual_seed(seed)
             self.A = torch.randn(full, dim, generator=g) * (target_std / (math.sqrt(dim) * z_std))
+
+    @staticmethod
+    def check_dim(dim: int, full: int) -> None:
+        if not 1 <= dim <= full:
+            raise CulturalignError(f"--dim must be between 1 and {full} (tokens x hidden size), got {dim}")
 
     def __call__(self, z) -> torch.Tensor:
         """[P, d] (numpy or torch) -> [P, n, hidden] prompts."""

@@ -1,0 +1,373 @@
+"""Every CLI command against bad inputs, as a new user would type them: one table, one rule.
+
+For each case the command must exit non-zero with exactly one line on stderr, starting with
+"error:" and naming the input (the needle); no traceback; and the working folder must be left
+exactly as it was (no file half-written or left behind). New commands add their rows here.
+
+Cases run in-process through `culturalign.cli.run`, in a fresh folder with the inputs the case
+needs, on the tiny random model built in conftest (saved to a folder, as a user's model would be).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from culturalign.cli import run
+
+HIDDEN = 32  # the tiny model's hidden size (conftest)
+ALIGN = ["align", "--model", "{M}", "--country", "CN", "--budget", "12", "--popsize", "6", "--tokens", "2", "--dim", "4"]
+SURVEY = ["survey", "--model", "{M}"]
+
+
+# ---- inputs the cases need, created in the case's folder -------------------------------------------------
+
+def soft_prompt(folder: Path, tensor: torch.Tensor, config: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    save_file({"prompt_embeddings": tensor}, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tensor.shape[0],
+           "token_dim": tensor.shape[1] if tensor.dim() == 2 else None}
+    cfg.update(config or {})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def model_copy(tiny_dir: Path, folder: Path, drop=(), replace: dict | None = None) -> None:
+    folder.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        if f.name not in drop:
+            (folder / f.name).write_bytes(f.read_bytes())
+    for name, data in (replace or {}).items():
+        (folder / name).write_bytes(data(folder / name) if callable(data) else data)
+
+
+def checkpoint(folder: Path, data) -> None:
+    folder.mkdir()
+    (folder / "checkpoint.json").write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def valid_checkpoint(finished: bool) -> dict:
+    config = {"optimizer": "de", "tokens": 2, "dim": 4, "seed": 0, "projection_seed": None, "init": "text",
+              "init_text": None, "prompt": "naive", "popsize": 6, "mutation": [0.5, 1.0], "crossover": 0.9,
+              "strategy": "best1bin", "bound": 1.0, "sigma": 40.0, "lr": 0.02, "mass_floor": 0.5, "mass_weight": 100.0,
+              "constants": {d: 0.0 for d in ("PDI", "IDV", "MAS", "UAI", "LTO", "IVR")}}
+    return {"fingerprint": {"config": config, "model": "m", "target": {"name": "China", "scores": {"PDI": 80}},
+                            "instrument": "vsm2013"},
+            "budget": 12, "finished": finished, "optimizer_state": {}, "history": [{"evaluations": 12}]}
+
+
+def csv_file(name: str, text: str | bytes):
+    return lambda w, m: (w / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def truncated(path: Path) -> bytes:
+    return path.read_bytes()[:200]
+
+
+# (id, argv, setup(workspace, tiny_dir), needle that the error line must contain)
+CASES = [
+    # countries
+    ("countries-unknown-set", ["countries", "--targets", "nope"], None, "'nope'"),
+    ("countries-unknown-option", ["countries", "--bogus"], None, "--bogus"),
+    ("no-such-command", ["surevy"], None, "surevy"),
+    # survey: output paths, checked before any work
+    ("survey-json-proc", [*SURVEY, "--json", "/proc/x.json"], None, "/proc"),
+    ("survey-json-dir", [*SURVEY, "--json", "{W}/outdir"], lambda w, m: (w / "outdir").mkdir(), "is a folder"),
+    ("survey-json-under-file", [*SURVEY, "--json", "{W}/file.txt/sub.json"], csv_file("file.txt", "x"), "file.txt"),
+    # survey: targets
+    ("survey-empty-country", [*SURVEY, "--country", ""], None, "--country ''"),
+    ("survey-unknown-country", [*SURVEY, "--country", "Atlantis"], None, "Atlantis"),
+    ("survey-unknown-set", [*SURVEY, "--country", "CN", "--targets", "hofstede-1999"], None, "hofstede-1999"),
+    ("survey-target-file-missing-brackets", [*SURVEY, "--target-file", "{W}/my[final].csv"], None, "my[final].csv"),
+    ("survey-target-file-dir", [*SURVEY, "--target-file", "{W}/tdir"], lambda w, m: (w / "tdir").mkdir(), "is a folder"),
+    ("survey-target-huge-field", [*SURVEY, "--target-file", "{W}/t.csv"],
+     csv_file("t.csv", "name,PDI\nX," + "9" * 140_000 + "\n"), "t.csv"),
+    ("survey-target-lowercase-nan", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI,IDV\nX,nan,3\n"), "'nan'"),
+    ("survey-target-NaN", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI,IDV\nX,NaN,3\n"), "'NaN'"),
+    ("survey-target-inf", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI\nX,inf\n"), "'inf'"),
+    ("survey-target-dup-column", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI,PDI\nX,1,2\n"), "'pdi'"),
+    ("survey-target-short-row", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI,IDV\nX,1\n"), "row 1"),
+    ("survey-target-extra-value", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI\nX,1,2\n"), "row 1"),
+    ("survey-target-no-name", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "PDI,IDV\n1,2\n"), "'name'"),
+    ("survey-target-empty", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", ""), "empty"),
+    ("survey-target-not-utf8", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", b"name,PDI\n\xff\xfe,1\n"), "UTF-8"),
+    ("survey-target-bad-json", [*SURVEY, "--target-file", "{W}/t.json"], csv_file("t.json", "{nope"), "JSON"),
+    ("survey-target-json-not-rows", [*SURVEY, "--target-file", "{W}/t.json"], csv_file("t.json", "[1, 2]"), "row 1"),
+    ("survey-target-too-large", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI\nX,5000\n"), "'5000'"),
+    ("survey-target-no-scores", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI\nX,\n"), "no scores"),
+    ("survey-target-unknown-field", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI,XYZ\nX,1,2\n"), "'xyz'"),
+    ("survey-target-two-rows", [*SURVEY, "--target-file", "{W}/t.csv"], csv_file("t.csv", "name,PDI\nX,1\nY,2\n"), "--country"),
+    ("survey-targets-and-file", [*SURVEY, "--target-file", "{W}/t.csv", "--targets", "hofstede-2023"],
+     csv_file("t.csv", "name,PDI\nX,1\n"), "--targets"),
+    # survey: constants
+    ("survey-constant-nan", [*SURVEY, "--constant", "PDI=nan"], None, "PDI=nan"),
+    ("survey-constant-inf", [*SURVEY, "--constant", "IDV=inf"], None, "IDV=inf"),
+    ("survey-constant-no-value", [*SURVEY, "--constant", "PDI"], None, "'PDI'"),
+    ("survey-constant-unknown-index", [*SURVEY, "--constant", "XYZ=5"], None, "XYZ"),
+    ("survey-constant-twice", [*SURVEY, "--constant", "PDI=1", "--constant", "pdi=2"], None, "pdi=2"),
+    # survey: prompts, modes and sampling options
+    ("survey-prompt-twice", [*SURVEY, "--prompt", "naive", "--prompt", "naive"], None, "'naive'"),
+    ("survey-prompt-unknown", [*SURVEY, "--prompt", "bogus"], None, "'bogus'"),
+    ("survey-persona-needs-country", [*SURVEY, "--prompt", "persona"], None, "persona"),
+    ("survey-mode-unknown", [*SURVEY, "--mode", "greedy"], None, "'greedy'"),
+    ("survey-temperature-in-logprob", [*SURVEY, "--temperature", "0.5"], None, "--temperature"),
+    ("survey-samples-in-logprob", [*SURVEY, "--samples", "5"], None, "--samples"),
+    ("survey-seed-in-logprob", [*SURVEY, "--seed", "3"], None, "--seed"),
+    ("survey-negative-temperature", [*SURVEY, "--mode", "sample", "--temperature", "-1"], None, "--temperature"),
+    ("survey-nan-temperature", [*SURVEY, "--mode", "sample", "--temperature", "nan"], None, "--temperature"),
+    ("survey-zero-samples", [*SURVEY, "--mode", "sample", "--samples", "0"], None, "--samples"),
+    ("survey-samples-not-int", [*SURVEY, "--samples", "abc"], None, "--samples"),
+    ("survey-unknown-option", [*SURVEY, "--popsize", "3"], None, "--popsize"),
+    # survey: instruments
+    ("survey-instrument-unknown", [*SURVEY, "--instrument", "vsm1994"], None, "vsm1994"),
+    ("survey-instrument-dir", [*SURVEY, "--instrument", "{W}/idir"], lambda w, m: (w / "idir").mkdir(), "is a folder"),
+    ("survey-instrument-bad-json", [*SURVEY, "--instrument", "{W}/i.json"], csv_file("i.json", "{"), "JSON"),
+    ("survey-instrument-nan-constant", [*SURVEY, "--instrument", "{W}/i.json"],
+     csv_file("i.json", '{"schema": "culturalign.instrument/1", "id": "x", "name": "x", "scales": {"s": ["a", "b"]},'
+              ' "answer_codes": [1, 2], "items": [{"id": 1, "text": "t", "scale": "s"}, {"id": 2, "text": "u", "scale": "s"}],'
+              ' "indices": {"A": {"terms": [{"weight": 1, "plus": 1, "minus": 2}], "constant": NaN}}}'), "constant"),
+    # survey: models
+    ("survey-model-is-file", ["survey", "--model", "{W}/some.csv"], csv_file("some.csv", "a,b\n"), "is a file"),
+    ("survey-model-missing-dir", ["survey", "--model", "{W}/nope"], None, "does not exist"),
+    ("survey-model-empty-name", ["survey", "--model", ""], None, "--model"),
+    ("survey-model-bad-config", ["survey", "--model", "{W}/m"],
+     lambda w, m: model_copy(m, w / "m", replace={"config.json": b"{oops"}), "config.json"),
+    ("survey-model-no-tokenizer", ["survey", "--model", "{W}/m"],
+     lambda w, m: model_copy(m, w / "m", drop=("tokenizer.json",)), "tokenizer"),
+    ("survey-model-truncated-weights", ["survey", "--model", "{W}/m"],
+     lambda w, m: model_copy(m, w / "m", replace={"model.safetensors": truncated}), "could not be loaded"),
+    ("survey-device-unknown", [*SURVEY, "--device", "tpu"], None, "'tpu'"),
+    # survey: soft prompts
+    ("survey-soft-missing", [*SURVEY, "--soft-prompt", "{W}/sp"], None, "does not exist"),
+    ("survey-soft-nan", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.full((2, HIDDEN), float("nan"))), "NaN"),
+    ("survey-soft-inf", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.full((2, HIDDEN), float("inf"))), "infinite"),
+    ("survey-soft-virtual-tokens", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(4, HIDDEN), {"num_virtual_tokens": 8}), "num_virtual_tokens"),
+    ("survey-soft-token-dim", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, 64), {"token_dim": 576}), "token_dim"),
+    ("survey-soft-empty-tensor", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(0, HIDDEN)), "empty"),
+    ("survey-soft-other-model", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, 64)), "another model"),
+    ("survey-soft-corrupt", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)),
+                   (w / "sp" / "adapter_model.safetensors").write_bytes(b"garbage")), "safetensors"),
+    ("survey-soft-bad-config", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "adapter_config.json").write_text("[")),
+     "adapter_config.json"),
+    # align: --out and --resume, checked before the model loads
+    ("align-out-under-file", [*ALIGN, "--out", "{W}/file.txt/sub"], csv_file("file.txt", "x"), "file.txt"),
+    ("align-out-proc", [*ALIGN, "--out", "/proc/x"], None, "/proc"),
+    ("align-out-is-file", [*ALIGN, "--out", "{W}/file.txt"], csv_file("file.txt", "x"), "not a folder"),
+    ("align-out-unrelated-files", [*ALIGN, "--out", "{W}/o"],
+     lambda w, m: ((w / "o").mkdir(), (w / "o" / "notes.txt").write_text("mine")), "not empty"),
+    ("align-resume-needs-out", [*ALIGN, "--resume"], None, "--out"),
+    ("align-resume-nothing", [*ALIGN, "--out", "{W}/o", "--resume"], lambda w, m: (w / "o").mkdir(), "nothing to resume"),
+    ("align-resume-truncated", ["align", "--out", "{W}/o", "--resume"], lambda w, m: checkpoint(w / "o", '{"fingerprint": {"con'), "damaged"),
+    ("align-resume-empty-file", ["align", "--out", "{W}/o", "--resume"], lambda w, m: checkpoint(w / "o", ""), "damaged"),
+    ("align-resume-list", ["align", "--out", "{W}/o", "--resume"], lambda w, m: checkpoint(w / "o", []), "damaged"),
+    ("align-resume-empty-object", ["align", "--out", "{W}/o", "--resume"], lambda w, m: checkpoint(w / "o", {}), "damaged"),
+    ("align-resume-missing-key", ["align", "--out", "{W}/o", "--resume"],
+     lambda w, m: checkpoint(w / "o", {k: v for k, v in valid_checkpoint(False).items() if k != "history"}), "'history'"),
+    ("align-finished-without-resume", [*ALIGN, "--out", "{W}/o"], lambda w, m: checkpoint(w / "o", valid_checkpoint(True)),
+     "finished run"),
+    ("align-interrupted-without-resume", [*ALIGN, "--out", "{W}/o"], lambda w, m: checkpoint(w / "o", valid_checkpoint(False)),
+     "--resume"),
+    ("align-resume-other-setting", ["align", "--out", "{W}/o", "--resume", "--sigma", "3"],
+     lambda w, m: checkpoint(w / "o", valid_checkpoint(False)), "--sigma"),
+    ("align-resume-other-country", ["align", "--out", "{W}/o", "--resume", "--country", "JP"],
+     lambda w, m: checkpoint(w / "o", valid_checkpoint(False)), "Japan"),
+    # align: settings, checked before the model loads
+    ("align-sigma-nan", [*ALIGN, "--sigma", "nan"], None, "--sigma"),
+    ("align-sigma-zero", [*ALIGN, "--sigma", "0"], None, "--sigma"),
+    ("align-dim-zero", [*ALIGN, "--dim", "0"], None, "--dim"),
+    ("align-lr-nan", [*ALIGN, "--optimizer", "adam", "--lr", "nan"], None, "--lr"),
+    ("align-bound-inf", [*ALIGN, "--bound", "inf"], None, "--bound"),
+    ("align-mass-floor-nan", [*ALIGN, "--mass-floor", "nan"], None, "--mass-floor"),
+    ("align-mass-floor-negative", [*ALIGN, "--mass-floor", "-1"], None, "--mass-floor"),
+    ("align-mass-weight-negative", [*ALIGN, "--mass-weight", "-100"], None, "--mass-weight"),
+    ("align-popsize-small", [*ALIGN, "--popsize", "3"], None, "--popsize"),
+    ("align-budget-small", [*ALIGN, "--budget", "10"], None, "--budget"),
+    ("align-budget-not-int", [*ALIGN, "--budget", "abc"], None, "--budget"),
+    ("align-optimizer-unknown", [*ALIGN, "--optimizer", "sgd"], None, "'sgd'"),
+    ("align-mutation-text", [*ALIGN, "--mutation", "abc"], None, "--mutation"),
+    ("align-crossover-large", [*ALIGN, "--crossover", "2"], None, "--crossover"),
+    ("align-strategy-unknown", [*ALIGN, "--strategy", "best2exp"], None, "best2exp"),
+    ("align-init-unknown", [*ALIGN, "--init", "zeros"], None, "'zeros'"),
+    ("align-seed-negative", [*ALIGN, "--seed", "-1"], None, "--seed"),
+    ("align-init-text-empty", [*ALIGN, "--init-text", " "], None, "--init-text"),
+    ("align-empty-country", ["align", "--model", "{M}", "--country", ""], None, "--country ''"),
+    ("align-no-target", ["align", "--model", "{M}"], None, "--country"),
+    ("align-constant-nan", [*ALIGN, "--constant", "LTO=nan"], None, "LTO=nan"),
+    # align: checked once the model is loaded, still before anything is written
+    ("align-dim-too-large", [*ALIGN, "--dim", "100000", "--out", "{W}/o"], None, "--dim"),
+    # the embedded model's cache folder must be writable before the 35 s conversion starts
+    ("survey-cache-unwritable", ["survey"], lambda w, m: None, "CULTURALIGN_CACHE"),
+]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    w = tmp_path / "w"
+    w.mkdir()
+    monkeypatch.chdir(w)
+    monkeypatch.setenv("CULTURALIGN_CACHE", str(tmp_path / "cache"))
+    return w
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = run(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_table_is_large_and_unique():
+    assert len(CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("argv,setup,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(argv, setup, needle, workspace, tiny_dir, monkeypatch, capsys, one_thread):
+    if setup is not None:
+        setup(workspace, Path(tiny_dir))
+    if "CULTURALIGN_CACHE" in needle:
+        monkeypatch.setenv("CULTURALIGN_CACHE", "/proc/culturalign-cache")
+    before = _snapshot(workspace)
+    argv = [a.replace("{M}", str(tiny_dir)).replace("{W}", str(workspace)) for a in argv]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code != 0, stdout + stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in stdout + stderr
+    assert _snapshot(workspace) == before  # nothing written, nothing half-written, nothing left behind
+
+
+def test_ctrl_c_in_survey_says_so(workspace, tiny_dir, monkeypatch, capsys):
+    import culturalign.survey
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(culturalign.survey.Survey, "result", interrupted)
+    code, _, stderr = run_cli(["survey", "--model", str(tiny_dir), "--json", str(workspace / "o.json")], capsys)
+    assert code == 130 and "interrupted" in stderr and "nothing was written" in stderr
+    assert not (workspace / "o.json").exists()
+
+
+def test_ctrl_c_in_align_names_the_resume_command(workspace, tiny_dir, monkeypatch, capsys):
+    import culturalign.alignment
+
+    real = culturalign.alignment.Aligner._checkpoint
+
+    def checkpoint_then_interrupt(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(culturalign.alignment.Aligner, "_checkpoint", checkpoint_then_interrupt)
+    out = workspace / "run"
+    code, _, stderr = run_cli([a.replace("{M}", str(tiny_dir)) for a in ALIGN] + ["--out", str(out)], capsys)
+    assert code == 130
+    assert "interrupted" in stderr and "--resume" in stderr and str(out) in stderr.replace("\n", "")
+    assert (out / "checkpoint.json").is_file()
+
+
+def test_json_dash_writes_standard_output(workspace, tiny_dir, capsys):
+    code, stdout, stderr = run_cli(["survey", "--model", str(tiny_dir), "--country", "CN", "--json", "-"], capsys)
+    assert code == 0, stderr
+    data = json.loads(stdout)  # standard output is the JSON alone; the table goes to stderr
+    assert data["prompt"] == "naive" and "PDI" in stderr
+    assert not (workspace / "-").exists()
+
+
+def test_version(capsys):
+    import culturalign
+
+    code, stdout, _ = run_cli(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"culturalign {culturalign.__version__}"
+
+
+def test_help_shows_no_bool_types(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    for argv in (["--help"], ["survey", "--help"], ["align", "--help"]):
+        code, stdout, _ = run_cli(argv, capsys)
+        assert code == 0 and "<bool>" not in stdout and "--help" in stdout
+
+
+def test_outputs_use_the_umask(workspace, tiny_dir, capsys):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run_cli(["survey", "--model", str(tiny_dir), "--json", str(workspace / "o.json")], capsys)
+    finally:
+        os.umask(old)
+    assert (workspace / "o.json").stat().st_mode & 0o777 == 0o644
+
+
+# ---- property: random target files and constants give a finite profile or one clear error -----------------
+
+CELLS = st.one_of(
+    st.integers(-2000, 2000).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", "nan", "NaN", "inf", "-Infinity", "#NULL!", "NA", "null", "1e9", "abc", " 42 ", "3,5"]),
+    st.text(max_size=6),
+)
+COLUMNS = st.lists(st.sampled_from(["name", "PDI", "IDV", "MAS", "UAI", "LTO", "IVR", "pdi", "Name", "xyz", ""]),
+                   min_size=1, max_size=7)
+CONSTANTS = st.one_of(
+    st.tuples(st.sampled_from(["PDI", "idv", "MAS", "XYZ", "", " UAI "]), st.sampled_from(["=", ":", "=="]), CELLS)
+    .map(lambda t: "".join(t)),
+    st.text(max_size=12),
+)
+
+
+def _strict(text: str):
+    def reject(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(columns=COLUMNS, rows=st.lists(st.lists(CELLS, min_size=0, max_size=8), min_size=0, max_size=3),
+       constants=st.lists(CONSTANTS, max_size=2))
+@example(columns=["name", "PDI", "idv"], rows=[["Xland", "50", ""]], constants=["PDI=10"])  # the valid path, always
+@example(columns=["name", "PDI"], rows=[["Xland", "nan"]], constants=[])
+def test_random_target_files_and_constants(columns, rows, constants, tiny_lm, tmp_path_factory, monkeypatch, capsys):
+    import culturalign.cli
+
+    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    folder = tmp_path_factory.mktemp("prop")
+    tf = folder / "t.csv"
+    lines = [",".join(columns)] + [",".join(r) for r in rows]
+    tf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = folder / "o.json"
+    argv = ["survey", "--target-file", str(tf), "--json", str(out)]
+    for c in constants:
+        if "\x00" not in c:
+            argv += ["--constant", c]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert "Traceback" not in stdout + stderr
+    if code == 0:
+        data = _strict(out.read_text())
+        numbers = [v for it in data["items"] for v in it["probs"]] + list(data["indices"].values())
+        numbers += list(data["target"]["scores"].values()) + [data["l1"]]
+        assert all(isinstance(x, float | int) and math.isfinite(x) for x in numbers)
+    else:
+        assert code == 2
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+        assert not out.exists()
