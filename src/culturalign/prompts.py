@@ -101,11 +101,15 @@ def option_token_ids(tokenizer, text: str, codes: tuple[int, ...]) -> tuple[list
     )
 
 
+def encode_prompts(tokenizer, items: list[Item], codes: tuple[int, ...], system: str | None,
+                   answer_prefix: str = ANSWER_PREFIX) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each item's full prompt (ending where the answer code goes) and the option token ids."""
+    texts = [render(tokenizer, system, user_text(it, codes), answer_prefix) for it in items]
+    option_ids, tail = option_token_ids(tokenizer, texts[0], codes)
+    return [tokenizer(t + tail, add_special_tokens=False)["input_ids"] for t in texts], option_ids
+
+
 def encode_items(tokenizer, instrument: Instrument, profile: str, target: Target | None,
                  answer_prefix: str = ANSWER_PREFIX) -> tuple[list[list[int]], list[int]]:
     """Token ids of every item's full prompt (ending where the answer code goes) and the option ids."""
-    system = system_text(profile, target)
-    texts = [render(tokenizer, system, user_text(it, instrument.codes), answer_prefix) for it in instrument.items]
-    option_ids, tail = option_token_ids(tokenizer, texts[0], instrument.codes)
-    texts = [t + tail for t in texts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], option_ids
+    return encode_prompts(tokenizer, instrument.items, instrument.codes, system_text(profile, target), answer_prefix)

@@ -1,0 +1,315 @@
+"""Committee evaluation: seven metrics, each defined once and applied to every system.
+
+Systems (see `compose.SYSTEMS`): naive, persona, expert (the router's top-1 expert), committee.
+
+1. Cultural alignment, in [0, 1]. For a user of culture X the system answers the held-out paraphrased
+   VSM 2013 items (instrument variants `vsm2013-para-a`/`-b`, never seen in alignment). The item
+   means give the six indices (the instrument's formulas, constants C), and
+       alignment(X) = max(0, 1 - L1(indices, scores_X) / (100 * |D|))
+   over the dimensions D that X's target publishes: 100 points per dimension is the width of
+   Hofstede's published scale, so 0 means "off by the whole scale on average" and 1 a perfect match.
+   Reported per culture, for cultures in the registry and for cultures held out of it.
+2. Diversity entropy, in bits. For one value question q with options, asked by users of the cultures
+   C, the system gives answer distributions p_c. Diversity is their mutual information
+       I(culture; answer) = H(mean_c p_c) - mean_c H(p_c)
+   (the generalised Jensen-Shannon divergence). A system that ignores the culture gives the same p_c
+   to everyone and scores exactly 0; one that answers each culture with a different sure answer scores
+   up to log2(min(|C|, K)). Mean and std over the untagged value questions.
+3. Expert responses per query: culture-conditioned model responses behind the answer (routed experts;
+   the one persona answer; 0 for the base model).
+4. Unique cultural profiles per query: distinct cultures among those responses.
+5. Completeness: the share of queries answered with a parsable option (the answer puts at least half
+   its next-token probability on the option codes: `option_mass >= 0.5`) or, for open questions, a
+   non-empty reply within the token limit.
+6. Latency per query, p50 and p95, and each system's p50 over the base model's.
+7. Router accuracy on culture-tagged queries whose culture has an expert (routed without a user
+   culture, from the text alone): top-1 and top-k; and the gate's accuracy on the neutral controls
+   (sent to the base model alone), with and without a user culture.
+
+Alignment and diversity need many (culture x question) answers: they are computed from batched
+answer tables (every expert's distribution in one call per question set, persona prompts in one set)
+mixed with the router's weights by the same `mix` the committee uses. The per-query metrics (3-6)
+come from `Committee.ask`, the path a user calls.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from culturalign.errors import CulturalignError
+
+EPS = 1e-12
+
+
+def entropy_bits(p: np.ndarray) -> float:
+    p = np.asarray(p, dtype=float)
+    p = p[p > EPS]
+    return float(-(p * np.log2(p)).sum())
+
+
+def mutual_information(probs: np.ndarray) -> float:
+    """I(culture; answer) in bits for answer distributions [C, K], cultures equally likely."""
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or len(probs) == 0:
+        raise ValueError("expected answer distributions of shape [cultures, options]")
+    mi = entropy_bits(probs.mean(0)) - float(np.mean([entropy_bits(p) for p in probs]))
+    return max(0.0, mi)  # rounding can give -1e-16
+
+
+def alignment_score(indices: dict[str, float], scores: dict[str, float]) -> tuple[float, float, list[str]]:
+    """(alignment in [0, 1], L1, dimensions compared) against a target's published scores."""
+    dims = [d for d in indices if d in scores]
+    if not dims:
+        raise CulturalignError("the target has none of the instrument's dimensions")
+    l1 = float(sum(abs(indices[d] - scores[d]) for d in dims))
+    return max(0.0, 1.0 - l1 / (100.0 * len(dims))), l1, dims
+
+
+def mix(weights: list[tuple[int, float]], probs: torch.Tensor) -> torch.Tensor:
+    """Weighted mixture of rows of `probs` ([rows, ..., K]); weights as (row, weight)."""
+    out = torch.zeros_like(probs[0], dtype=torch.float64)
+    for row, w in weights:
+        out += w * probs[row].double()
+    return out
+
+
+def summary(values: list[float]) -> dict:
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+@dataclass
+class EvalConfig:
+    registry_cultures: list[str]
+    heldout_cultures: list[str]
+    variants: tuple[str, ...] = ("vsm2013-para-a", "vsm2013-para-b")
+    open_limit: int = 8  # open questions asked per system (generation is the slow part)
+    query_limit: int | None = None  # all option queries by default
+    target_set: str = "hofstede-2015"
+
+    def __post_init__(self):
+        if self.open_limit < 0:
+            raise CulturalignError(f"--open-limit must be >= 0, got {self.open_limit}")
+        if self.query_limit is not None and self.query_limit < 1:
+            raise CulturalignError(f"--limit must be >= 1, got {self.query_limit}")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    rows: list[dict] = field(default_factory=list)  # query x system
+    alignment_rows: list[dict] = field(default_factory=list)  # system x culture x variant
+    diversity_rows: list[dict] = field(default_factory=list)  # system x question
+
+
+class Evaluator:
+    """Runs every metric for every system on one committee (see the module docstring)."""
+
+    def __init__(self, committee, queries: list, config: EvalConfig, targets: dict,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.c, self.queries, self.cfg, self.targets = committee, queries, config, targets
+        self.progress = progress or (lambda stage, done, total: None)
+        self.systems = ("naive", "persona", "expert", "committee")
+
+    # -- alignment on held-out paraphrases -----------------------------------------------------------
+    def _route_weights(self, text: str, culture: str, system: str, codes: list[str]) -> list[tuple[int, float]] | None:
+        experts, _ = self.c.route(text, culture, system, has_options=True)
+        if not experts:
+            return None  # gated to the base model
+        return [(codes.index(code), w) for code, w in experts]
+
+    def alignment(self) -> list[dict]:
+        from culturalign.instrument import load_instrument
+        from culturalign.survey import Survey
+
+        c, rows = self.c, []
+        codes = c.registry.codes
+        soft = torch.stack([c.registry[k].embeddings for k in codes])
+        cultures = list(self.cfg.registry_cultures) + list(self.cfg.heldout_cultures)
+        total, done = len(self.cfg.variants) * (2 + len(cultures)), 0
+        for variant in self.cfg.variants:
+            inst = load_instrument(variant)
+            with torch.no_grad():
+                naive = Survey(c.backend, inst, "naive").distributions().probs[0].double().cpu()  # [I, K]
+                done += 1
+                self.progress("alignment", done, total)
+                experts = Survey(c.backend, inst, "naive").distributions(soft).probs.double().cpu()  # [E, I, K]
+                done += 1
+                self.progress("alignment", done, total)
+            for culture in cultures:
+                target = self.targets[culture]
+                with torch.no_grad():
+                    persona = Survey(c.backend, inst, "persona", target).distributions().probs[0].double().cpu()
+                done += 1
+                self.progress("alignment", done, total)
+                tables = {"naive": naive, "persona": persona}
+                for system in ("expert", "committee"):
+                    items = []
+                    for i, it in enumerate(inst.items):
+                        w = self._route_weights(it.text, culture, system, codes)
+                        items.append(naive[i] if w is None else mix(w, experts[:, i]))
+                    tables[system] = torch.stack(items)
+                for system in self.systems:
+                    means = (tables[system] @ torch.tensor(inst.codes, dtype=torch.float64)).numpy()
+                    indices = inst.score_dict(means)
+                    score, l1, dims = alignment_score(indices, target.scores)
+                    rows.append({"system": system, "culture": culture, "variant": variant,
+                                 "in_registry": culture in c.registry.experts, "alignment": score, "l1": l1,
+                                 "dims": "|".join(dims), **{f"index_{d}": round(v, 3) for d, v in indices.items()}})
+        return rows
+
+    # -- diversity across user cultures ----------------------------------------------------------------
+    def diversity(self) -> list[dict]:
+        from culturalign.instrument import Item
+        from culturalign.prompts import encode_prompts, system_text
+
+        c = self.c
+        codes = c.registry.codes
+        soft = [c.registry[k].embeddings for k in codes]
+        cultures = list(self.cfg.registry_cultures)
+        questions = [q for q in self.queries if q.has_options and q.culture is None and q.culture_dependent]
+        rows = []
+        tok = c.backend.tokenizer
+        for n, q in enumerate(questions):
+            item = Item(0, q.text, tuple(q.options))
+            kcodes = tuple(range(1, len(q.options) + 1))
+            seqs, option_ids = encode_prompts(tok, [item], kcodes, None)
+            with torch.no_grad():
+                base = c.backend.option_distributions(c.backend.prompt_set(seqs), option_ids).probs[0, 0].double().cpu()
+                ex = c.backend.option_distributions(c.backend.prompt_set(seqs), option_ids, soft=soft).probs[:, 0].double().cpu()
+                pseqs = [encode_prompts(tok, [item], kcodes, system_text("persona", self.targets[u]))[0][0] for u in cultures]
+                pers = c.backend.option_distributions(c.backend.prompt_set(pseqs), option_ids).probs[0].double().cpu()
+            per_system = {"naive": base.expand(len(cultures), -1), "persona": pers}
+            for system in ("expert", "committee"):
+                dists = []
+                for u in cultures:
+                    w = self._route_weights(q.text, u, system, codes)
+                    dists.append(base if w is None else mix(w, ex))
+                per_system[system] = torch.stack(dists)
+            for system in self.systems:
+                p = per_system[system].numpy()
+                rows.append({"system": system, "query_id": q.id, "diversity_bits": mutual_information(p),
+                             "distinct_choices": int(len(set(p.argmax(1).tolist())))})
+            self.progress("diversity", n + 1, len(questions))
+        return rows
+
+    # -- per-query asks: responses, cultures, completeness, latency ----------------------------------
+    def _user_culture(self, q, k: int) -> str | None:
+        if q.culture is not None:
+            return q.culture
+        reg = self.cfg.registry_cultures
+        return reg[k % len(reg)] if reg else None
+
+    def per_query(self) -> list[dict]:
+        opts = [q for q in self.queries if q.has_options]
+        if self.cfg.query_limit is not None:
+            opts = opts[: self.cfg.query_limit]
+        open_q = _spread([q for q in self.queries if not q.has_options], self.cfg.open_limit)
+        chosen = opts + open_q
+        rows, total = [], len(chosen) * len(self.systems)
+        for k, q in enumerate(chosen):
+            user = self._user_culture(q, k)
+            for system in self.systems:
+                t0 = time.perf_counter()
+                a = self.c.ask(q.text, culture=user, options=list(q.options) if q.has_options else None, system=system)
+                seconds = time.perf_counter() - t0
+                if q.has_options:
+                    complete = a.answer["option_mass"] >= 0.5
+                else:
+                    complete = bool(a.answer["text"])
+                rows.append({"query_id": q.id, "kind": q.kind, "system": system, "user_culture": user,
+                             "tagged_culture": q.culture, "culture_dependent": q.culture_dependent,
+                             "seconds": seconds, "responses": a.responses, "unique_cultures": len(a.cultures),
+                             "complete": complete, "routed": "|".join(e["code"] for e in a.experts),
+                             "choice": a.answer.get("choice"), "option_mass": a.answer.get("option_mass"),
+                             "generated_tokens": a.tokens.get("generated", 0),
+                             "reply": a.answer.get("text", a.answer.get("option"))})
+                self.progress("queries", len(rows), total)
+        return rows
+
+    # -- the router ----------------------------------------------------------------------------------
+    def router(self) -> dict:
+        reg = set(self.c.registry.codes)
+        tagged = [q for q in self.queries if q.culture in reg]
+        top1 = topk = 0
+        for q in tagged:
+            routed = [code for code, _ in self.c.router.route(q.text, culture=None, has_options=q.has_options).experts]
+            top1 += bool(routed) and routed[0] == q.culture
+            topk += q.culture in routed
+        neutral = [q for q in self.queries if not q.culture_dependent]
+        gate_plain = sum(not self.c.router.route(q.text, None, q.has_options).experts for q in neutral)
+        user = self.cfg.registry_cultures[0] if self.cfg.registry_cultures else None
+        gate_user = sum(not self.c.router.route(q.text, user, q.has_options).experts for q in neutral)
+        dependent = [q for q in self.queries if q.culture_dependent]
+        kept = sum(bool(self.c.router.route(q.text, None, q.has_options).culture_dependent) for q in dependent)
+        return {
+            "tagged_queries": len(tagged), "top1_accuracy": top1 / len(tagged) if tagged else None,
+            "topk_accuracy": topk / len(tagged) if tagged else None, "top_k": self.c.router.config.top_k,
+            "neutral_queries": len(neutral),
+            "gate_accuracy_neutral": gate_plain / len(neutral) if neutral else None,
+            "gate_accuracy_neutral_with_user_culture": gate_user / len(neutral) if neutral else None,
+            "gate_recall_culture_dependent": kept / len(dependent) if dependent else None,
+        }
+
+    # -- everything --------------------------------------------------------------------------------
+    def run(self) -> EvalResult:
+        t0 = time.perf_counter()
+        router = self.router()
+        align_rows = self.alignment()
+        div_rows = self.diversity()
+        rows = self.per_query()
+        metrics = summarise(rows, align_rows, div_rows, router, self.systems)
+        metrics["seconds"] = round(time.perf_counter() - t0, 1)
+        return EvalResult(metrics, rows, align_rows, div_rows)
+
+
+def _spread(queries: list, n: int) -> list:
+    """Up to n queries, one culture after another (round-robin over the tags), in file order."""
+    by: dict = {}
+    for q in queries:
+        by.setdefault(q.culture, []).append(q)
+    out, lists = [], list(by.values())
+    while len(out) < n and any(lists):
+        for lst in lists:
+            if lst and len(out) < n:
+                out.append(lst.pop(0))
+    return out
+
+
+def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], router: dict, systems) -> dict:
+    out = {"systems": list(systems), "router": router, "per_system": {}}
+    naive_p50 = percentile([r["seconds"] for r in rows if r["system"] == "naive"], 50)
+    for s in systems:
+        sr = [r for r in rows if r["system"] == s]
+        lat = [r["seconds"] for r in sr]
+        opt_lat = [r["seconds"] for r in sr if r["kind"] != "open"]
+        open_lat = [r["seconds"] for r in sr if r["kind"] == "open"]
+        ar = [r for r in align_rows if r["system"] == s]
+        out["per_system"][s] = {
+            "alignment_registry": summary([r["alignment"] for r in ar if r["in_registry"]]),
+            "alignment_heldout": summary([r["alignment"] for r in ar if not r["in_registry"]]),
+            "l1_registry": summary([r["l1"] for r in ar if r["in_registry"]]),
+            "l1_heldout": summary([r["l1"] for r in ar if not r["in_registry"]]),
+            "diversity_bits": summary([r["diversity_bits"] for r in div_rows if r["system"] == s]),
+            "responses_per_query": summary([r["responses"] for r in sr]),
+            "unique_cultures_per_query": summary([r["unique_cultures"] for r in sr]),
+            "completeness": (sum(r["complete"] for r in sr) / len(sr)) if sr else None,
+            "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+            "latency_options_p50_s": percentile(opt_lat, 50), "latency_open_p50_s": percentile(open_lat, 50),
+            "latency_ratio_to_naive": (percentile(lat, 50) / naive_p50) if naive_p50 else None,
+            "queries": len(sr),
+        }
+    return out
