@@ -20,7 +20,7 @@ import numpy as np
 from culturalign.errors import CulturalignError
 
 SCHEMA = "culturalign.instrument/1"
-BUILTIN = ("vsm2013",)
+BUILTIN = ("vsm2013", "vsm2013-para-a", "vsm2013-para-b")
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
 
 
 def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
-    """A built-in instrument by id (`vsm2013`) or a user's JSON file of the same schema."""
+    """A built-in instrument by id (`vsm2013`, or the held-out paraphrases `vsm2013-para-a`/`-b`) or a user's JSON file of the same schema."""
     if name_or_path in BUILTIN:
         text = resources.files("culturalign.data.instruments").joinpath(f"{name_or_path}.json").read_text("utf-8")
         inst = parse_instrument(json.loads(text), name_or_path)
