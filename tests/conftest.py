@@ -152,3 +152,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def make_registry(folder, lm, codes=("CN", "JP", "US"), n_tokens=3, seed=0, model=None):
+    """A registry of random soft-prompt experts for `lm` (no alignment run: fast, for committee tests)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from culturalign.committee.experts import MANIFEST, SCHEMA
+    from culturalign.softprompt import SoftPrompt
+    from culturalign.targets import load_target
+
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for code in codes:
+        emb = torch.randn(n_tokens, lm.hidden_size, generator=g)
+        SoftPrompt(emb, {"prompt": "naive"}).save(folder / code, lm.name)
+        t = load_target(code)
+        entries.append({"code": code, "name": t.name, "folder": code, "target": t.to_json(), "naive_l1": 300.0,
+                        "icl_l1": 290.0, "aligned_l1": 150.0, "aligned_option_mass": 0.9, "optimizer": "de",
+                        "budget": 12, "evaluations": 12, "seed": 0,
+                        "sha256": hashlib.sha256((folder / code / "adapter_model.safetensors").read_bytes()).hexdigest()})
+    (folder / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "model": model or lm.name, "hidden_size": lm.hidden_size,
+                                               "instrument": "vsm2013", "experts": entries}))
+    return folder
+
+
+class HashEncoder:
+    """A deterministic bag-of-words sentence encoder for router tests (no model to load)."""
+
+    def __init__(self, dim: int = 256):
+        self.dim = dim
+
+    def encode(self, texts):
+        import re
+        import zlib
+
+        out = torch.zeros(len(texts), self.dim)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[i, zlib.crc32(w.encode()) % self.dim] += 1.0
+        return torch.nn.functional.normalize(out + 1e-6, dim=-1)

@@ -384,6 +384,217 @@ def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, m
         raise CulturalignError(f"the checkpoint's settings are not understood ({e}); it was written by another version") from None
 
 
+# ---- the committee of cultural experts ---------------------------------------------------------------
+
+experts_app = typer.Typer(help="Build and inspect registries of cultural experts (one aligned soft prompt per culture).",
+                          no_args_is_help=True, cls=Group)
+committee_app = typer.Typer(help="Evaluate the committee of cultural experts.", no_args_is_help=True, cls=Group)
+app.add_typer(experts_app, name="experts")
+app.add_typer(committee_app, name="committee")
+
+EXPERTS_HELP = "Expert registry folder (default: the registry shipped for the embedded model)."
+
+
+@experts_app.command("build", cls=Command)
+def experts_build(
+    ctx: typer.Context,
+    countries: str = typer.Option(..., "--countries", metavar="LIST", help="Cultures, comma-separated, each CODE or CODE@SET: CN,US,IN,SA@hofstede-2023."),
+    out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="Registry folder: new, empty, or a registry to continue (finished experts are kept)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help="Target set for cultures given without @SET."),
+    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="Any optimizer `align` offers: de or adam."),
+    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations per expert (see `align --help`)."),
+    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length."),
+    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension."),
+    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="DE search size (embedding stds)."),
+    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size (>= 4)."),
+    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of every expert's search."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Align one soft prompt per culture and write a registry (one PEFT folder per culture + manifest.json).
+
+    Rerun the same command to continue: finished experts are kept, an interrupted one resumes.
+    Example: culturalign experts build --countries CN,US,IN,SA@hofstede-2023 --optimizer adam --budget 16 --out experts/
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.alignment import AlignConfig
+    from culturalign.committee.experts import build_experts, parse_culture_specs
+    from culturalign.files import check_output_dir
+    from culturalign.instrument import load_instrument
+    from culturalign.reports import experts_table
+    from culturalign.targets import load_target
+
+    specs = parse_culture_specs(countries, targets)
+    found = [load_target(code, set_name) for code, set_name in specs]
+    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma, popsize=popsize, lr=lr,
+                      seed=seed).validate()
+    check_output_dir(out_dir, "--out")
+    inst = load_instrument("vsm2013")
+    cfg.constants = inst.constants()
+    lm = _load(model, device)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
+                        TextColumn("best L1 {task.fields[best]}"), TimeElapsedColumn(), console=console)
+    tasks: dict = {}
+    total = budget // popsize * popsize if optimizer == "de" else budget
+
+    def start(code, aligner):
+        tasks[code] = progress.add_task(f"expert {escape(code)}", total=total, completed=aligner.evaluations_done, best="-")
+
+    def update(code, info):
+        progress.update(tasks[code], completed=info["evaluations"], best=f"{info['best_loss']:.1f}")
+
+    try:
+        with progress:
+            reg = build_experts(lm, inst, found, cfg, out_dir, progress=update, on_start=start)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] finished experts and the current checkpoint are kept; rerun the "
+                      "same command to continue", highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
+    out.print(experts_table(reg))
+    console.print(f"registry with {len(reg)} experts -> {escape(str(out_dir))}", highlight=False)
+
+
+@experts_app.command("list", cls=Command)
+def experts_list(
+    folder: Optional[Path] = typer.Argument(None, metavar="[DIR]", help=EXPERTS_HELP),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help="Model whose shipped registry to list when DIR is not given."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest entries as JSON."),
+):
+    """Show a registry of experts as a table: culture, target set, naive and aligned L1, optimizer, budget."""
+    from culturalign.committee.experts import load_registry
+    from culturalign.files import dumps
+    from culturalign.reports import experts_table
+
+    reg = load_registry(folder, model=None if folder is not None else model)
+    if as_json:
+        out.print_json(dumps({"path": str(reg.path), "model": reg.model, "hidden_size": reg.hidden_size,
+                              "experts": [e.info for e in reg.experts.values()]}))
+        return
+    out.print(experts_table(reg))
+
+
+def _committee(model, device, experts, top_k, max_new_tokens, seed):
+    from culturalign.committee.compose import CommitteeConfig, load_committee
+    from culturalign.committee.router import RouterConfig
+
+    router_cfg = RouterConfig(top_k=top_k)
+    cfg = CommitteeConfig(max_new_tokens=max_new_tokens, compose_max_new_tokens=max(max_new_tokens, 64), seed=seed)
+    if experts is not None:
+        from culturalign.committee.experts import load_registry
+
+        load_registry(experts)  # a bad registry fails before the model loads
+    lm = _load(model, device)
+    with console.status("loading experts and router ..."):
+        return load_committee(lm, None if experts is None else str(experts), router_cfg, cfg)
+
+
+@app.command(cls=Command)
+def ask(
+    question: str = typer.Argument(..., metavar="QUESTION", help="The query, in quotes."),
+    culture: Optional[str] = typer.Option(None, "--culture", metavar="CULTURE", help="The user's culture (code or name): routes to its expert, or its nearest experts."),
+    options: Optional[str] = typer.Option(None, "--options", metavar="A|B|...", help="Answer options separated by '|': the experts' answer distributions are mixed."),
+    experts: Optional[Path] = typer.Option(None, "--experts", metavar="DIR", help=EXPERTS_HELP),
+    system: str = typer.Option("committee", "--system", metavar="NAME", help="committee, expert (top-1 only), persona (text persona of --culture) or naive."),
+    top_k: int = typer.Option(3, "--top-k", metavar="K", help="At most K experts answer."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", metavar="N", help="Tokens per expert answer to an open question."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Generation seed."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the answer, routing and expert answers as JSON (- = standard output)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Ask the committee of cultural experts: prints the routing, each expert's answer and the composed answer.
+
+    Example: culturalign ask "How should I greet my host's parents?" --culture JP
+    """
+    from culturalign.committee.compose import SYSTEMS, check_options
+    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.reports import print_answer
+
+    if system not in SYSTEMS:
+        raise CulturalignError(f"--system {system!r}: expected one of {', '.join(SYSTEMS)}")
+    if not question.strip():
+        raise CulturalignError("the question is empty; ask something, e.g. culturalign ask \"How should I greet an elder?\"")
+    opts = check_options(options.split("|")) if options is not None else None
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    committee = _committee(model, device, experts, top_k, max_new_tokens, seed)
+    culture = committee.resolve_culture(culture)
+    with console.status("asking ..."):
+        answer = committee.ask(question, culture=culture, options=opts, system=system)
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, answer.to_json())
+    print_answer(answer, console if to_stdout else out)
+
+
+@committee_app.command("eval", cls=Command)
+def committee_eval(
+    out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="Where metrics.json, results.csv, report.md and plots go (new or empty)."),
+    experts: Optional[Path] = typer.Option(None, "--experts", metavar="DIR", help=EXPERTS_HELP),
+    queries: Optional[Path] = typer.Option(None, "--queries", metavar="FILE", help="Query set (JSONL or CSV; default: the shipped set)."),
+    heldout: str = typer.Option("FR,MX,KR,SE", "--heldout", metavar="LIST", help="Cultures held out of the registry, for held-out alignment."),
+    open_limit: int = typer.Option(8, "--open-limit", metavar="N", help="Open questions asked per system (generation is slow on a CPU)."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Ask only the first N queries with options (default: all)."),
+    top_k: int = typer.Option(3, "--top-k", metavar="K", help="At most K experts answer."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", metavar="N", help="Tokens per expert answer to an open question."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Measure naive, persona, single-expert and committee systems with one set of metric definitions.
+
+    Example: culturalign committee eval --out runs/committee
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.committee.metrics import EvalConfig, Evaluator
+    from culturalign.committee.queries import load_queries
+    from culturalign.committee.report import metrics_table, router_lines, write_eval
+    from culturalign.files import check_output_dir
+    from culturalign.targets import load_target
+
+    check_output_dir(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise CulturalignError(f"--out {str(out_dir)!r} is not empty; choose a new or empty folder")
+    qs = load_queries(queries)
+    held = [c.strip().upper() for c in heldout.split(",") if c.strip()]
+    held_targets = {c: load_target(c) for c in held}
+    committee = _committee(model, device, experts, top_k, max_new_tokens, 0)
+    reg_codes = committee.registry.codes
+    overlap = sorted(set(held) & set(reg_codes))
+    if overlap:
+        raise CulturalignError(f"--heldout {heldout!r}: {', '.join(overlap)} have experts in the registry; hold out others")
+    targets = {c: _registry_target(committee.registry[c]) for c in reg_codes}
+    targets.update({c: t for c, t in held_targets.items()})
+    cfg = EvalConfig(registry_cultures=reg_codes, heldout_cultures=held, open_limit=open_limit, query_limit=limit)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    stages: dict = {}
+
+    def update(stage, done, total):
+        if stage not in stages:
+            stages[stage] = progress.add_task(stage, total=total)
+        progress.update(stages[stage], completed=done, total=total)
+
+    with progress:
+        result = Evaluator(committee, qs, cfg, targets, progress=update).run()
+    settings = {"model": committee.backend.name, "experts": str(committee.registry.path), "registry_cultures": reg_codes,
+                "heldout_cultures": held, "queries": str(queries) if queries else "shipped", "open_limit": open_limit,
+                "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens}
+    write_eval(out_dir, result, settings)
+    for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]):
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"metrics.json, results.csv, alignment.csv, diversity.csv, report.md, plots -> {escape(str(out_dir))}",
+                  highlight=False)
+
+
+def _registry_target(expert):
+    from culturalign.targets import Target
+
+    return Target.from_json(expert.info["target"])
+
+
 def _error_line(message: str) -> None:
     text = " ".join(str(message).split())  # one line, whatever the message held
     console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)

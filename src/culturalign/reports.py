@@ -136,3 +136,55 @@ def write_report(out, result: dict, profiles: list[SurveyResult]) -> None:
     lines += ["", f"Index constants C: {consts}.", "", "![profiles](radar.png)", "", "![convergence](convergence.png)", "",
               "## Settings", "", "```json", __import__("json").dumps({k: v for k, v in s.items() if k != "target"}, indent=1), "```", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def experts_table(registry) -> Table:
+    """A registry as a table: one row per expert."""
+    table = Table(title=f"{len(registry)} experts for {registry.model} (hidden {registry.hidden_size}) in {registry.path}",
+                  title_justify="left")
+    for col, right in (("code", False), ("culture", False), ("target set", False), ("naive L1", True),
+                       ("aligned L1", True), ("aligned/naive", True), ("option mass", True), ("optimizer", False),
+                       ("evaluations", True)):
+        table.add_column(col, justify="right" if right else "left")
+    for e in registry.experts.values():
+        i = e.info
+        naive, aligned = i.get("naive_l1"), i.get("aligned_l1")
+        ratio = f"{aligned / naive:.2f}" if naive and aligned is not None else "-"
+        mass = i.get("aligned_option_mass")
+        table.add_row(e.code, e.name, i.get("target", {}).get("set", "-"), fmt(naive), fmt(aligned), ratio,
+                      "-" if mass is None else f"{mass:.3f}", str(i.get("optimizer", "-")), str(i.get("evaluations", "-")))
+    return table
+
+
+def print_answer(answer, console: Console | None = None) -> None:
+    """The routing, each expert's answer, and the composed answer of `Committee.ask`."""
+    from rich.markup import escape
+
+    console = console or Console()
+    r = answer.routing
+    if r is not None:
+        who = ", ".join(f"{e['code']} {e['weight']:.2f}" for e in r["experts"]) or "the base model alone"
+        console.print(f"[bold]routing[/bold] ({'culture-dependent' if r['culture_dependent'] else 'neutral'}, "
+                      f"gate {r['gate_score']:.2f}): {escape(who)}", highlight=False, soft_wrap=True)
+        for reason in r["reasons"]:
+            console.print(f"  - {reason['stage']}: {escape(reason['detail'])}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[bold]system[/bold] {answer.system}: no routing", highlight=False)
+    if answer.options is not None:
+        table = Table(title_justify="left")
+        table.add_column("option")
+        for e in answer.experts:
+            table.add_column(f"{e['name']}\n(w {e['weight']:.2f})", justify="right")
+        table.add_column(answer.system, justify="right", style="bold")
+        for k, opt in enumerate(answer.options):
+            table.add_row(f"{k + 1}. {opt}", *[f"{e['probs'][k]:.2f}" for e in answer.experts], f"{answer.answer['probs'][k]:.2f}")
+        console.print(table)
+        console.print(f"[bold]answer[/bold]: {answer.answer['choice']}. {escape(answer.answer['option'])} "
+                      f"(option mass {answer.answer['option_mass']:.2f})", highlight=False, soft_wrap=True)
+    else:
+        for e in answer.experts:
+            console.print(f"[bold]{escape(e['name'])}[/bold] (w {e['weight']:.2f}, {e['tokens']} tokens): {escape(e['text'])}",
+                          highlight=False, soft_wrap=True)
+        tag = "composed answer" if answer.answer.get("composed") else "answer"
+        console.print(f"[bold]{tag}[/bold]: {escape(answer.answer['text'])}", highlight=False, soft_wrap=True)
+    console.print(f"{answer.seconds:.2f} s, {answer.tokens.get('generated', 0)} tokens generated", highlight=False)

@@ -150,9 +150,20 @@ class Committee:
         return experts, routing.to_json()
 
     # -- asking ----------------------------------------------------------------------------------
+    def resolve_culture(self, culture: str | None) -> str | None:
+        """A user's culture as a code ('Japan', 'jp' -> 'JP'); unknown names are one error with close matches."""
+        if culture is None:
+            return None
+        if not culture.strip():
+            raise CulturalignError("--culture '' is empty; expected a culture code or name, e.g. JP or Japan")
+        from culturalign.committee.cultures import find_culture
+
+        return find_culture(list(self.cultures.values()), culture).code if self.cultures else culture
+
     def ask(self, query: str, culture: str | None = None, options: list[str] | None = None,
             system: str = "committee") -> Answer:
         query = self._check_query(query)
+        culture = self.resolve_culture(culture)
         options = check_options(options)
         t0 = time.perf_counter()
         experts, routing = self.route(query, culture, system, options is not None)
@@ -238,3 +249,17 @@ class Committee:
         tokens = {"prompt": tokens["prompt"] + len(ids), "generated": tokens["generated"] + g.new_tokens}
         answer = {"text": g.text.strip(), "tokens": g.new_tokens, "finished": g.finished, "composed": True}
         return Answer(query, system, culture, None, None, per, answer, 0.0, tokens)
+
+
+def load_committee(backend, experts: str | None = None, router_config=None, config: CommitteeConfig | None = None,
+                   encoder=None) -> Committee:
+    """The committee for `backend`: its registry (`experts` folder, or the one shipped for the model),
+    the cultures file, and a router over the registry's experts."""
+    from culturalign.committee.cultures import load_cultures
+    from culturalign.committee.experts import load_registry
+    from culturalign.committee.router import Router
+
+    registry = load_registry(experts, model=backend.name, hidden_size=backend.hidden_size)
+    cultures = load_cultures()
+    router = Router(cultures, registry.codes, encoder=encoder, config=router_config)
+    return Committee(backend, registry, router, cultures, config)
