@@ -58,7 +58,9 @@ def embedded_encoder_dir() -> Path:
         model = Path(folder) / "model"
         if (model / "config.json").is_file():
             return model
-    raise CulturalignError(f"the installed {ENCODER_PACKAGE} package has no model/config.json; reinstall it: {INSTALL_HINT.split(': ', 1)[1]}")
+    raise CulturalignError(
+        f"the installed {ENCODER_PACKAGE} package has no model/config.json; reinstall it: {INSTALL_HINT.split(': ', 1)[1]}"
+    )
 
 
 def _pooling_modes(folder: Path) -> tuple[str, ...]:
