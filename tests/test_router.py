@@ -497,6 +497,25 @@ def test_gate_on_held_out_questions(real_router):
     assert len(right) == 20 and accuracy >= 0.9, f"gate accuracy {accuracy:.2f} on the held-out questions"
 
 
+def test_gate_exemplars_do_not_copy_the_shipped_evaluation_queries(minilm):
+    # queries.jsonl is written on another branch; once merged, no exemplar may (nearly) repeat a query.
+    import difflib
+    from importlib import resources
+
+    ref = resources.files("culturalign.data").joinpath("committee", "queries.jsonl")
+    dependent, neutral = load_gate_exemplars()
+    exemplars = dependent + neutral
+    if not ref.is_file():
+        pytest.skip("data/committee/queries.jsonl is not in this checkout yet")
+    queries = [json.loads(line)["text"] for line in ref.read_text("utf-8").splitlines() if line.strip()]
+    assert queries
+    for g in exemplars:
+        assert not difflib.get_close_matches(g, queries, n=1, cutoff=0.8), g
+    sims = minilm.encode(exemplars) @ minilm.encode(queries).T
+    worst = sims.max(dim=1).values
+    assert float(worst.max()) < 0.8, exemplars[int(worst.argmax())]
+
+
 def test_real_gate_neutral_with_explicit_culture_and_values_kept(real_router):
     for q in ("What is 12 x 7?", "Convert 5 km to metres."):
         for culture in ("CN", "KR", None):
