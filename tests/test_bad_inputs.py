@@ -62,6 +62,20 @@ def valid_checkpoint(finished: bool) -> dict:
             "budget": 12, "finished": finished, "optimizer_state": {}, "history": [{"evaluations": 12}]}
 
 
+def registry(w: Path, m: Path, name: str = "reg", hidden: int = HIDDEN, model: str | None = None, drop: str | None = None):
+    """A registry of random experts for the tiny model saved at `m` (its name is the folder path)."""
+    from types import SimpleNamespace
+
+    from conftest import make_registry
+
+    folder = make_registry(w / name, SimpleNamespace(name=str(m), hidden_size=hidden), model=model)
+    if drop:
+        import shutil
+
+        shutil.rmtree(folder / drop)
+    return folder
+
+
 def csv_file(name: str, text: str | bytes):
     return lambda w, m: (w / name).write_bytes(text if isinstance(text, bytes) else text.encode())
 
@@ -209,6 +223,52 @@ CASES = [
     ("align-constant-nan", [*ALIGN, "--constant", "LTO=nan"], None, "LTO=nan"),
     # align: checked once the model is loaded, still before anything is written
     ("align-dim-too-large", [*ALIGN, "--dim", "100000", "--out", "{W}/o"], None, "--dim"),
+    # ask: the committee of experts
+    ("ask-empty-question", ["ask", "  ", "--model", "{M}", "--experts", "{W}/reg"], registry, "empty"),
+    ("ask-one-option", ["ask", "q?", "--options", "only", "--model", "{M}", "--experts", "{W}/reg"], registry, "at least two"),
+    ("ask-empty-option", ["ask", "q?", "--options", "a||b", "--model", "{M}", "--experts", "{W}/reg"], registry, "empty"),
+    ("ask-unknown-culture", ["ask", "q?", "--culture", "Atlantis", "--model", "{M}", "--experts", "{W}/reg"], registry, "Atlantis"),
+    ("ask-unknown-system", ["ask", "q?", "--system", "oracle", "--model", "{M}"], None, "oracle"),
+    ("ask-json-proc", ["ask", "q?", "--json", "/proc/a.json", "--model", "{M}"], None, "/proc"),
+    ("ask-registry-missing", ["ask", "q?", "--model", "{M}", "--experts", "{W}/nope"], None, "does not exist"),
+    ("ask-registry-expert-missing", ["ask", "q?", "--model", "{M}", "--experts", "{W}/reg"],
+     lambda w, m: registry(w, m, drop="JP"), "'JP' is missing"),
+    ("ask-registry-corrupt-expert", ["ask", "q?", "--model", "{M}", "--experts", "{W}/reg"],
+     lambda w, m: (registry(w, m), (w / "reg" / "CN" / "adapter_model.safetensors").write_bytes(b"x")), "safetensors"),
+    ("ask-registry-other-model", ["ask", "q?", "--model", "{M}", "--experts", "{W}/reg"],
+     lambda w, m: registry(w, m, model="someone-else"), "built for model"),
+    ("ask-registry-other-hidden-size", ["ask", "q?", "--model", "{M}", "--experts", "{W}/reg"],
+     lambda w, m: registry(w, m, hidden=64), "hidden size"),
+    ("ask-query-too-long", ["ask", "word " * 1200, "--culture", "JP", "--model", "{M}", "--experts", "{W}/reg"], registry,
+     "context"),
+    # experts: build and list
+    ("experts-build-empty-list", ["experts", "build", "--countries", " , ", "--out", "{W}/r", "--model", "{M}"], None, "--countries"),
+    ("experts-build-twice", ["experts", "build", "--countries", "CN,cn", "--out", "{W}/r", "--model", "{M}"], None, "more than once"),
+    ("experts-build-unknown", ["experts", "build", "--countries", "CN,Atlantis", "--out", "{W}/r", "--model", "{M}"], None, "Atlantis"),
+    ("experts-build-unknown-set", ["experts", "build", "--countries", "SA@hofstede-1990", "--out", "{W}/r", "--model", "{M}"], None,
+     "hofstede-1990"),
+    ("experts-build-optimizer", ["experts", "build", "--countries", "CN", "--optimizer", "sgd", "--out", "{W}/r"], None, "sgd"),
+    ("experts-build-out-not-empty", ["experts", "build", "--countries", "CN", "--out", "{W}/o", "--model", "{M}"],
+     lambda w, m: ((w / "o").mkdir(), (w / "o" / "x.txt").write_text("x")), "not empty"),
+    ("experts-build-out-proc", ["experts", "build", "--countries", "CN", "--out", "/proc/r"], None, "/proc"),
+    ("experts-list-missing", ["experts", "list", "{W}/nope"], None, "does not exist"),
+    ("experts-list-bad-manifest", ["experts", "list", "{W}/reg"],
+     lambda w, m: (registry(w, m), (w / "reg" / "manifest.json").write_text("{")), "JSON"),
+    # committee eval
+    ("eval-queries-missing", ["committee", "eval", "--out", "{W}/e", "--queries", "{W}/q.jsonl", "--model", "{M}"], None, "q.jsonl"),
+    ("eval-queries-bad-row", ["committee", "eval", "--out", "{W}/e", "--queries", "{W}/q.jsonl", "--model", "{M}"],
+     csv_file("q.jsonl", '{"id": "a", "kind": "likert", "text": "t", "options": ["x"], "culture_dependent": true}\n'), "line 1"),
+    ("eval-queries-bad-json", ["committee", "eval", "--out", "{W}/e", "--queries", "{W}/q.jsonl", "--model", "{M}"],
+     csv_file("q.jsonl", '{"id": "a",\n'), "line 1"),
+    ("eval-queries-duplicate-id", ["committee", "eval", "--out", "{W}/e", "--queries", "{W}/q.jsonl", "--model", "{M}"],
+     csv_file("q.jsonl", '{"id": "a", "kind": "open", "text": "t", "culture_dependent": true}\n'
+                         '{"id": "a", "kind": "open", "text": "u", "culture_dependent": true}\n'), "'a'"),
+    ("eval-out-not-empty", ["committee", "eval", "--out", "{W}/e", "--model", "{M}"],
+     lambda w, m: ((w / "e").mkdir(), (w / "e" / "x").write_text("x")), "not empty"),
+    ("eval-heldout-in-registry", ["committee", "eval", "--out", "{W}/e", "--heldout", "JP", "--model", "{M}", "--experts", "{W}/reg"],
+     registry, "JP"),
+    ("eval-open-limit", ["committee", "eval", "--out", "{W}/e", "--open-limit", "-1", "--model", "{M}", "--experts", "{W}/reg"],
+     registry, "--open-limit"),
     # the embedded model's cache folder must be writable before the 35 s conversion starts
     ("survey-cache-unwritable", ["survey"], lambda w, m: None, "CULTURALIGN_CACHE"),
 ]

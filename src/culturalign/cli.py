@@ -554,6 +554,10 @@ def committee_eval(
     from culturalign.files import check_output_dir
     from culturalign.targets import load_target
 
+    if open_limit < 0:
+        raise CulturalignError(f"--open-limit must be >= 0, got {open_limit}")
+    if limit is not None and limit < 1:
+        raise CulturalignError(f"--limit must be >= 1, got {limit}")
     check_output_dir(out_dir, "--out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise CulturalignError(f"--out {str(out_dir)!r} is not empty; choose a new or empty folder")
