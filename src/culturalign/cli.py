@@ -50,10 +50,10 @@ def _parse_constants(values: list[str] | None) -> dict[str, float]:
 
 
 def _load(model: str, device: Optional[str]):
-    from culturalign.models import load_model
+    from culturalign.backends import load_backend
 
     with console.status(f"loading model {model} ..."):
-        return load_model(model, device=device)
+        return load_backend(model, device=device)
 
 
 @app.command()
@@ -123,15 +123,15 @@ def survey(
     inst = load_instrument(instrument)
     constants = inst.constants(_parse_constants(constant))
     target = load_target(country, targets, target_file) if (country or target_file) else None
-    lm = _load(model, device)
+    backend = _load(model, device)
     runs = [(p, p, None) for p in prompts]
     if soft_prompt:
-        sp = SoftPrompt.load(soft_prompt, lm.hidden_size)
+        sp = SoftPrompt.load(soft_prompt, backend.hidden_size)
         runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings))
     results = []
     for label, base, soft in runs:
         with console.status(f"asking {len(inst.items)} items ({label}, {mode}) ..."):
-            s = Survey(lm, inst, base, target, constants)
+            s = Survey(backend, inst, base, target, constants)
             if mode == "logprob":
                 results.append(s.result(soft, label))
             else:
@@ -206,9 +206,9 @@ def align(
     ).validate()
     slug = "".join(ch if ch.isalnum() else "-" for ch in (target.iso2 or target.code or target.name)).strip("-")
     out_dir = out_dir or Path("runs") / f"{slug}-{optimizer}-s{seed}"
-    lm = _load(model, device)
+    backend = _load(model, device)
     with console.status("preparing ..."):
-        aligner = Aligner(lm, inst, target, cfg, out_dir, resume)
+        aligner = Aligner(backend, inst, target, cfg, out_dir, resume)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
         TextColumn("gen {task.fields[gen]}  best L1 {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn(),
