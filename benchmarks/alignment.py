@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from culturalign.alignment import AlignConfig, Aligner
+from culturalign.backends import load_backend
 from culturalign.cli import _quiet_libraries
 from culturalign.instrument import load_instrument
-from culturalign.models import load_model
 from culturalign.targets import load_target
 
 CASES = {"CN": "hofstede-2015", "US": "hofstede-2015", "IN": "hofstede-2015", "SA": "hofstede-2023"}
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args()
     _quiet_libraries()
-    lm, inst = load_model(args.model), load_instrument()
+    backend, inst = load_backend(args.model), load_instrument()
     rows = []
     for code in args.countries.split(","):
         target = load_target(code, CASES.get(code, "hofstede-2015"))
@@ -45,13 +45,13 @@ def main():
         if (out / "result.json").exists() and not (out / "checkpoint.json").exists():
             result = json.loads((out / "result.json").read_text())
         else:
-            result = Aligner(lm, inst, target, cfg, out, resume=True, progress=lambda i: print(
+            result = Aligner(backend, inst, target, cfg, out, resume=True, progress=lambda i: print(
                 f"  {code} {i['evaluations']:4d}/{i['budget']} evals  best {i['best_loss']:.1f}", flush=True)).run()
         p = result["profiles"]
         rows.append((target.name, target.set_name, p["naive"]["l1"], p["icl"]["l1"], p["aligned"]["l1"],
                      result["evaluations"], time.perf_counter() - t0))
         print(f"done {target.name}: naive {p['naive']['l1']:.1f}, icl {p['icl']['l1']:.1f}, aligned {p['aligned']['l1']:.1f}", flush=True)
-    print(f"\n{args.optimizer}, seed {args.seed}, model {lm.name}")
+    print(f"\n{args.optimizer}, seed {args.seed}, model {backend.name}")
     print("| target | set | naive L1 | icl L1 | aligned L1 | aligned / naive | evaluations | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, tset, n, i, a, ev, sec in rows:

@@ -14,10 +14,10 @@ import time
 
 import torch
 
+from culturalign.backends import load_backend
+from culturalign.backends.hf import plain_option_distributions
 from culturalign.cli import _quiet_libraries
-from culturalign.elicitation import plain_distributions
 from culturalign.instrument import load_instrument
-from culturalign.models import load_model
 from culturalign.softprompt import embedding_std
 from culturalign.survey import Survey
 from culturalign.targets import load_target
@@ -31,22 +31,22 @@ def main():
     ap.add_argument("--prompt", default="naive")
     args = ap.parse_args()
     _quiet_libraries()
-    lm = load_model(args.model)
-    s = Survey(lm, load_instrument(), args.prompt, load_target("CN"))
+    backend = load_backend(args.model)
+    s = Survey(backend, load_instrument(), args.prompt, load_target("CN"))
     g = torch.Generator().manual_seed(0)
-    pop = torch.randn(args.population, args.tokens, lm.hidden_size, generator=g) * embedding_std(lm)
+    pop = torch.randn(args.population, args.tokens, backend.hidden_size, generator=g) * embedding_std(backend)
     with torch.no_grad():
         s.distributions(pop[:2])  # warm-up
-        plain_distributions(lm, s.sequences, s.option_ids, pop[:1])
+        plain_option_distributions(backend, s.sequences, s.option_ids, pop[:1])
         t = time.perf_counter()
         fast = s.distributions(pop)
         t_fast = time.perf_counter() - t
         t = time.perf_counter()
-        plain = plain_distributions(lm, s.sequences, s.option_ids, pop)
+        plain = plain_option_distributions(backend, s.sequences, s.option_ids, pop)
         t_plain = time.perf_counter() - t
     diff = (fast.probs - plain.probs).abs().max().item()
-    ev = s.evaluator
-    print(f"population {args.population} x 24 items, soft prompt {args.tokens} tokens, prompt {args.prompt}, {lm.name} on {lm.device}")
+    ev = s.prompts
+    print(f"population {args.population} x 24 items, soft prompt {args.tokens} tokens, prompt {args.prompt}, {backend.name} on {backend.device}")
     print(f"plain:       {args.population / t_plain:6.3f} candidates/s  ({ev.plain_tokens_per_candidate + 24 * args.tokens} tokens/candidate, full logits)")
     print(f"culturalign: {args.population / t_fast:6.3f} candidates/s  ({ev.tokens_per_candidate + args.tokens} tokens/candidate, last-position logits)")
     print(f"speed-up: {t_plain / t_fast:.2f}x   max |p_fast - p_plain| = {diff:.2e} ({'OK' if diff <= 1e-4 else 'MISMATCH'})")

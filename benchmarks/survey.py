@@ -12,9 +12,9 @@ import time
 
 import torch
 
+from culturalign.backends import load_backend
 from culturalign.cli import _quiet_libraries
 from culturalign.instrument import load_instrument
-from culturalign.models import load_model
 from culturalign.survey import Survey
 from culturalign.targets import load_target
 
@@ -27,21 +27,21 @@ def main():
     args = ap.parse_args()
     _quiet_libraries()
     t0 = time.perf_counter()
-    lm = load_model(args.model)
-    print(f"model {lm.name} loaded in {time.perf_counter() - t0:.1f} s on {lm.device} ({lm.dtype}), "
+    backend = load_backend(args.model)
+    print(f"model {backend.name} loaded in {time.perf_counter() - t0:.1f} s on {backend.device} ({backend.dtype}), "
           f"{torch.get_num_threads()} threads")
     inst, target = load_instrument(), load_target(args.country)
     print(f"{'profile':8} {'seconds':>8} {'tokens':>7} {'plain tokens':>13} {'option mass':>12}")
     for profile in ("naive", "persona", "icl"):
-        s = Survey(lm, inst, profile, target)
+        s = Survey(backend, inst, profile, target)
         s.result()  # warm-up
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
             r = s.result()
             times.append(time.perf_counter() - t)
-        print(f"{profile:8} {statistics.median(times):8.2f} {s.evaluator.tokens_per_candidate:7d} "
-              f"{s.evaluator.plain_tokens_per_candidate:13d} {r.mean_option_mass:12.3f}")
+        print(f"{profile:8} {statistics.median(times):8.2f} {s.prompts.tokens_per_candidate:7d} "
+              f"{s.prompts.plain_tokens_per_candidate:13d} {r.mean_option_mass:12.3f}")
 
 
 if __name__ == "__main__":

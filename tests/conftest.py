@@ -79,11 +79,11 @@ def tiny_tokenizer():
 def tiny_lm(tiny_tokenizer):
     from transformers import LlamaForCausalLM
 
-    from culturalign.models import LoadedModel
+    from culturalign.backends import HFBackend
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(tiny_tokenizer)).eval().requires_grad_(False)
-    return LoadedModel(model, tiny_tokenizer, name="tiny", device=torch.device("cpu"))
+    return HFBackend(model, tiny_tokenizer, name="tiny", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +104,7 @@ def bigram_lm(tiny_tokenizer):
     """
     from transformers import LlamaForCausalLM
 
-    from culturalign.models import LoadedModel
+    from culturalign.backends import HFBackend
 
     tok = tiny_tokenizer
     torch.manual_seed(1)
@@ -127,14 +127,14 @@ def bigram_lm(tiny_tokenizer):
         head[three, 0] = 10.0
         head[other, 0] = 10.0 - math.log(3) / r
         head[tok.eos_token_id, 1] = 10.0
-    return LoadedModel(model, tok, name="bigram", device=torch.device("cpu"))
+    return HFBackend(model, tok, name="bigram", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def embedded_lm():
-    from culturalign.models import load_model
+    from culturalign.backends import load_backend
 
-    return load_model()
+    return load_backend()
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,7 @@ def test_survey_several_prompts(runner, tiny_dir, tmp_path):
 def test_survey_soft_prompt(runner, tiny_dir, tiny_lm, vsm, tmp_path):
     g = torch.Generator().manual_seed(5)
     emb = torch.randn(3, tiny_lm.hidden_size, generator=g) * 0.2
-    sp = SoftPrompt(emb, {"prompt": "persona"}).save(tmp_path / "sp", lm=tiny_lm)
+    sp = SoftPrompt(emb, {"prompt": "persona"}).save(tmp_path / "sp", backend=tiny_lm)
     out = tmp_path / "soft.json"
     r = invoke(runner, "survey", "--model", tiny_dir, "--country", "CN", "--soft-prompt", sp, "--json", out)
     assert r.exit_code == 0, r.output

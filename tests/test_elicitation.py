@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from culturalign import CulturalignError, load_target
-from culturalign.elicitation import (
-    SurveyEvaluator, common_prefix_len, parse_answer, plain_distributions, sample_answers,
-)
+from culturalign.backends import HFBackend
+from culturalign.backends.base import common_prefix_len
+from culturalign.backends.hf import plain_option_distributions
 from culturalign.prompts import encode_items, level, option_token_ids, render, system_text, user_text
-from culturalign.survey import Survey
+from culturalign.survey import Survey, parse_answer, sample_answers
 
 TOL = 1e-5
 
@@ -117,7 +117,7 @@ def test_common_prefix_len():
 
 
 def test_evaluator_structure(naive):
-    ev = naive.evaluator
+    ev = naive.prompts
     covered = sorted(i for items, _, _ in ev.stages for i in items)
     assert covered == list(range(24))
     for items, shared, suffixes in ev.stages:
@@ -132,7 +132,7 @@ def test_evaluator_equals_plain_without_soft_prompt(tiny_lm, vsm, china, profile
     s = Survey(tiny_lm, vsm, profile, china)
     with torch.no_grad():
         d = s.distributions()
-        ref = plain_distributions(tiny_lm, s.sequences, s.option_ids)
+        ref = plain_option_distributions(tiny_lm, s.sequences, s.option_ids)
     assert d.probs.shape == (1, 24, 5) and d.mass.shape == (1, 24)
     torch.testing.assert_close(d.probs, ref.probs, atol=TOL, rtol=0)
     torch.testing.assert_close(d.mass, ref.mass, atol=TOL, rtol=1e-4)
@@ -143,7 +143,7 @@ def test_evaluator_equals_plain_without_soft_prompt(tiny_lm, vsm, china, profile
 def test_evaluator_equals_plain_with_soft_prompts(naive, tiny_lm, softs):
     with torch.no_grad():
         d = naive.distributions(softs)
-        ref = plain_distributions(tiny_lm, naive.sequences, naive.option_ids, softs)
+        ref = plain_option_distributions(tiny_lm, naive.sequences, naive.option_ids, softs)
     assert d.probs.shape == (3, 24, 5)
     torch.testing.assert_close(d.probs, ref.probs, atol=TOL, rtol=0)
     torch.testing.assert_close(d.mass, ref.mass, atol=TOL, rtol=1e-4)
@@ -161,9 +161,9 @@ def test_evaluator_chunking_and_grouping(naive, tiny_lm, vsm, softs, max_rows, g
         g = [list(range(24))]
     else:
         g = None
-    ev = SurveyEvaluator(tiny_lm, naive.sequences, naive.option_ids, g, max_rows=max_rows)
+    backend = HFBackend(tiny_lm.model, tiny_lm.tokenizer, name="tiny", device=tiny_lm.device, max_rows=max_rows)
     with torch.no_grad():
-        d = ev(softs)
+        d = backend.option_distributions(backend.prompt_set(naive.sequences, g), naive.option_ids, softs)
         ref = naive.distributions(softs)
     torch.testing.assert_close(d.probs, ref.probs, atol=TOL, rtol=0)
     torch.testing.assert_close(d.mass, ref.mass, atol=TOL, rtol=1e-4)
@@ -211,7 +211,7 @@ def test_gradient_flows_to_soft_prompt(naive, tiny_lm, softs):
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
     # same gradient as the plain reference path
     soft2 = softs.clone().requires_grad_(True)
-    naive.loss(plain_distributions(tiny_lm, naive.sequences, naive.option_ids, soft2)).sum().backward()
+    naive.loss(plain_option_distributions(tiny_lm, naive.sequences, naive.option_ids, soft2)).sum().backward()
     torch.testing.assert_close(g, soft2.grad, atol=1e-4, rtol=1e-3)
     # the frozen model gets no gradient
     assert all(p.grad is None for p in tiny_lm.model.parameters())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from culturalign import CulturalignError, load_instrument, load_target
-from culturalign import models
-from culturalign.models import FALLBACK_TEMPLATE, MANIFEST, cache_is_valid, load_model
+from culturalign.backends import loading
+from culturalign.backends.loading import FALLBACK_TEMPLATE, MANIFEST, cache_is_valid, load_backend
 from culturalign.survey import Survey
 
 DIMS = ["PDI", "IDV", "MAS", "UAI", "LTO", "IVR"]
@@ -43,9 +43,9 @@ def test_embedded_naive_survey_china(embedded_lm):
 
 @pytest.mark.slow
 def test_embedded_model_comes_from_a_valid_cache(embedded_lm):
-    folder = models.embedded_model_dir()  # what a second load_model() uses
+    folder = loading.embedded_model_dir()  # what a second load_backend() uses
     assert folder.is_dir()
-    assert folder.parent == models.cache_dir() / "models"
+    assert folder.parent == loading.cache_dir() / "models"
     assert folder.name.startswith("smollm2-135m-")
     assert cache_is_valid(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -59,7 +59,7 @@ def _fake_cache(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(bytes(range(256)) * 40)
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    (folder / MANIFEST).write_text(json.dumps({"source": "fake.gguf", "files": models._manifest(folder)}, indent=1))
+    (folder / MANIFEST).write_text(json.dumps({"source": "fake.gguf", "files": loading._manifest(folder)}, indent=1))
     return folder
 
 
@@ -131,30 +131,30 @@ def test_embedded_model_dir_builds_once_and_rebuilds_when_corrupt(tmp_path, monk
             shutil.rmtree(target)
         _fake_cache(target)
 
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "embedded_gguf", lambda: gguf)
-    monkeypatch.setattr(models, "_build_embedded_cache", fake_build)
-    folder = models.embedded_model_dir()
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "embedded_gguf", lambda: gguf)
+    monkeypatch.setattr(loading, "_build_embedded_cache", fake_build)
+    folder = loading.embedded_model_dir()
     assert folder == tmp_path / "cache" / "models" / "smollm2-135m-100"
     assert cache_is_valid(folder) and len(builds) == 1
-    assert models.embedded_model_dir() == folder and len(builds) == 1  # valid cache: reused
+    assert loading.embedded_model_dir() == folder and len(builds) == 1  # valid cache: reused
     (folder / "model.safetensors").write_bytes(b"half a file")
-    assert models.embedded_model_dir() == folder and len(builds) == 2  # corrupt: rebuilt
+    assert loading.embedded_model_dir() == folder and len(builds) == 2  # corrupt: rebuilt
     assert cache_is_valid(folder)
 
 
 def test_cache_dir_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "x"))
-    assert models.cache_dir() == tmp_path / "x"
-    monkeypatch.delenv(models.CACHE_ENV)
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "x"))
+    assert loading.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv(loading.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "xdg" / "culturalign"
+    assert loading.cache_dir() == tmp_path / "xdg" / "culturalign"
 
 
-# ---- load_model on local folders --------------------------------------------------------------------------
+# ---- load_backend on local folders ------------------------------------------------------------------------
 
-def test_load_model_from_dir(tiny_dir, tiny_lm):
-    lm = load_model(str(tiny_dir), device="cpu")
+def test_load_backend_from_dir(tiny_dir, tiny_lm):
+    lm = load_backend(str(tiny_dir), device="cpu")
     assert lm.name == str(tiny_dir)
     assert lm.device == torch.device("cpu") and lm.dtype == torch.float32
     assert not lm.model.training
@@ -166,7 +166,7 @@ def test_load_model_from_dir(tiny_dir, tiny_lm):
         assert torch.equal(a, b)
 
 
-def test_load_model_without_chat_template(tiny_dir, tmp_path):
+def test_load_backend_without_chat_template(tiny_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_dir, folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
@@ -175,7 +175,7 @@ def test_load_model_without_chat_template(tiny_dir, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        lm = load_model(str(folder), device="cpu")
+        lm = load_backend(str(folder), device="cpu")
     assert any("no chat template" in str(x.message) for x in w)
     assert lm.tokenizer.chat_template == FALLBACK_TEMPLATE
     s = Survey(lm, load_instrument(), "persona", load_target("CN"))
@@ -184,21 +184,21 @@ def test_load_model_without_chat_template(tiny_dir, tmp_path):
     assert "\n\nUser: " in text and text.endswith("Assistant: Answer: ")
 
 
-def test_load_model_errors(tmp_path, monkeypatch):
+def test_load_backend_errors(tmp_path, monkeypatch):
     with pytest.raises(CulturalignError, match="does not exist"):
-        load_model(str(tmp_path / "nope"))
+        load_backend(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CulturalignError, match="config.json"):
-        load_model(str(tmp_path / "empty"))
+        load_backend(str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CulturalignError, match="could not be loaded"):
-        load_model("culturalign-test/no-such-model")
+        load_backend("culturalign-test/no-such-model")
 
 
 def test_device_errors():
     with pytest.raises(CulturalignError, match="unknown device"):
-        models.default_device("tpu9")
+        loading.default_device("tpu9")
     if not torch.cuda.is_available():
         with pytest.raises(CulturalignError, match="CUDA"):
-            models.default_device("cuda")
-    assert models.default_device("cpu") == torch.device("cpu")
+            loading.default_device("cuda")
+    assert loading.default_device("cpu") == torch.device("cpu")

@@ -22,7 +22,7 @@ def prompt(tiny_lm):
 
 def test_save_load_roundtrip(tmp_path, tiny_lm, prompt):
     meta = {"prompt": "persona", "instrument": "vsm2013", "model": "tiny", "target": "China"}
-    folder = SoftPrompt(prompt, meta).save(tmp_path / "sp", base_model="tiny", lm=tiny_lm)
+    folder = SoftPrompt(prompt, meta).save(tmp_path / "sp", base_model="tiny", backend=tiny_lm)
     assert folder == tmp_path / "sp"
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "culturalign.json"]  # no temp files left
@@ -195,7 +195,7 @@ def test_projection_bad_dim(dim):
 def test_peft_loads_prompt_and_gives_same_answers(tmp_path, tiny_lm, vsm, prompt):
     from peft import PeftModel
 
-    folder = SoftPrompt(prompt, {"prompt": "persona"}).save(tmp_path / "sp", lm=tiny_lm)
+    folder = SoftPrompt(prompt, {"prompt": "persona"}).save(tmp_path / "sp", backend=tiny_lm)
     base = copy.deepcopy(tiny_lm.model)
     peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
     survey = Survey(tiny_lm, vsm, "persona", load_target("SA"))

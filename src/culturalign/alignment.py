@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json
 from culturalign.instrument import Instrument
-from culturalign.models import LoadedModel
 from culturalign.optimizers import DEConfig, DifferentialEvolution
 from culturalign.prompts import system_text
 from culturalign.softprompt import INITS, Projection, SoftPrompt, embedding_std, initial_prompt
@@ -112,11 +112,11 @@ def _finite(flag: str, value: float, low: float | None = None, high: float | Non
         raise CulturalignError(f"{flag} must be {want}, got {value}")
 
 
-def _fingerprint(cfg: AlignConfig, lm: LoadedModel, target: Target, instrument: Instrument) -> dict:
+def _fingerprint(cfg: AlignConfig, backend: Backend, target: Target, instrument: Instrument) -> dict:
     """What a resumed run must share with the checkpoint: every setting except the budget (which may grow)."""
     config = json.loads(json.dumps(asdict(cfg)))
     config.pop("budget")
-    return {"config": config, "model": lm.name, "target": target.to_json(), "instrument": instrument.id}
+    return {"config": config, "model": backend.name, "target": target.to_json(), "instrument": instrument.id}
 
 
 def read_checkpoint(out: str | Path) -> dict:
@@ -179,14 +179,14 @@ def inspect_out(out: str | Path, resume: bool) -> dict | None:
 class Aligner:
     """Runs one alignment; `run()` returns the result dict also written to `out/result.json`."""
 
-    def __init__(self, lm: LoadedModel, instrument: Instrument, target: Target, config: AlignConfig, out: str | Path,
+    def __init__(self, backend: Backend, instrument: Instrument, target: Target, config: AlignConfig, out: str | Path,
                  resume: bool = False, progress: Callable[[dict], None] | None = None):
-        self.lm, self.instrument, self.target, self.cfg = lm, instrument, target, config.validate()
+        self.backend, self.instrument, self.target, self.cfg = backend, instrument, target, config.validate()
         if config.optimizer == "de":
-            Projection.check_dim(config.dim, config.tokens * lm.hidden_size)
+            Projection.check_dim(config.dim, config.tokens * backend.hidden_size)
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
-        self.survey = Survey(lm, instrument, config.prompt, target, config.constants)
-        self.fingerprint = _fingerprint(config, lm, target, instrument)
+        self.survey = Survey(backend, instrument, config.prompt, target, config.constants)
+        self.fingerprint = _fingerprint(config, backend, target, instrument)
         self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
         self.state = self._prepare_out()
         self.t_start = 0.0
@@ -224,7 +224,7 @@ class Aligner:
 
     def _p0(self) -> torch.Tensor:
         text = self.cfg.init_text or system_text("persona", self.target).split(". ")[0] + "."
-        return initial_prompt(self.lm, self.cfg.tokens, self.cfg.init, text, self.cfg.seed)
+        return initial_prompt(self.backend, self.cfg.tokens, self.cfg.init, text, self.cfg.seed)
 
     def _evaluate(self, prompts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
@@ -249,7 +249,7 @@ class Aligner:
     # -- optimisers -----------------------------------------------------------------------------
     def _run_de(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
         cfg = self.cfg
-        proj = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.lm), cfg.bound, cfg.sigma)
+        proj = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.backend), cfg.bound, cfg.sigma)
         if state:
             try:
                 de = DifferentialEvolution.from_state(state["optimizer_state"])
@@ -337,15 +337,15 @@ class Aligner:
         run = self._run_de if self.cfg.optimizer == "de" else self._run_adam
         best, history, final_state = run(state, p0)
         search_seconds = time.perf_counter() - self.t_start
-        meta = {"prompt": self.cfg.prompt, "instrument": self.instrument.id, "model": self.lm.name,
+        meta = {"prompt": self.cfg.prompt, "instrument": self.instrument.id, "model": self.backend.name,
                 "target": self.target.to_json(), "optimizer": self.cfg.optimizer, "best_loss": history[-1]["best_loss"]}
-        SoftPrompt(best, meta).save(self.out, self.lm.name, self.lm)
-        naive = Survey(self.lm, self.instrument, "naive", self.target, self.cfg.constants).result(label="naive")
-        icl = Survey(self.lm, self.instrument, "icl", self.target, self.cfg.constants).result(label="icl")
+        SoftPrompt(best, meta).save(self.out, self.backend.name, self.backend)
+        naive = Survey(self.backend, self.instrument, "naive", self.target, self.cfg.constants).result(label="naive")
+        icl = Survey(self.backend, self.instrument, "icl", self.target, self.cfg.constants).result(label="icl")
         aligned = self.survey.result(best, label="aligned")
         result = {
             "culturalign_version": __version__,
-            "settings": {**asdict(self.cfg), "projection_seed": self.cfg.proj_seed, "model": self.lm.name,
+            "settings": {**asdict(self.cfg), "projection_seed": self.cfg.proj_seed, "model": self.backend.name,
                          "instrument": self.instrument.id, "target": self.target.to_json(),
                          "constants": self.survey.constants},
             "profiles": {"naive": naive.to_json(), "icl": icl.to_json(), "aligned": aligned.to_json()},

@@ -115,10 +115,10 @@ def _target(ctx: typer.Context, country, targets, target_file):
 
 
 def _load(model: str, device: Optional[str]):
-    from culturalign.models import load_model
+    from culturalign.backends import load_backend
 
     with console.status(f"loading model {escape(model)} ..."):
-        return load_model(model, device=device)
+        return load_backend(model, device=device)
 
 
 @app.command(cls=Command)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write, atomic_write_json
-from culturalign.models import LoadedModel
 
 INITS = ("text", "vocab", "random")
 META = "culturalign.json"
@@ -40,18 +40,19 @@ class SoftPrompt:
     def n_tokens(self) -> int:
         return self.embeddings.shape[0]
 
-    def save(self, folder: str | Path, base_model: str = "", lm: LoadedModel | None = None) -> Path:
+    def save(self, folder: str | Path, base_model: str = "", backend: Backend | None = None) -> Path:
+        """Write the PEFT folder; `backend` (the model it was searched on) fills in PEFT's model fields."""
         folder = Path(folder)
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] < 1:
             raise CulturalignError(f"a soft prompt must have shape [n >= 1, hidden], got {list(self.embeddings.shape)}")
         if not torch.isfinite(self.embeddings).all():
             raise CulturalignError(f"refusing to save a soft prompt with NaN or infinite values to {str(folder)!r}")
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = lm.model.config if lm is not None else None
+        info = backend.model_info() if backend is not None else {}
         config = {
             "auto_mapping": None, "base_model_name_or_path": base_model or None, "inference_mode": True,
-            "modules_to_save": None, "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_layers": getattr(cfg, "num_hidden_layers", None), "num_transformer_submodules": 1,
+            "modules_to_save": None, "num_attention_heads": info.get("num_attention_heads"),
+            "num_layers": info.get("num_layers"), "num_transformer_submodules": 1,
             "num_virtual_tokens": self.n_tokens, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None, "revision": None, "task_type": "CAUSAL_LM",
             "token_dim": self.embeddings.shape[1], "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
@@ -129,18 +130,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def embedding_std(lm: LoadedModel) -> float:
-    return float(lm.model.get_input_embeddings().weight.float().std())
+def embedding_std(backend: Backend) -> float:
+    return float(backend.embedding_table().std())
 
 
-def initial_prompt(lm: LoadedModel, n: int, how: str = "text", text: str | None = None, seed: int = 0) -> torch.Tensor:
+def initial_prompt(backend: Backend, n: int, how: str = "text", text: str | None = None, seed: int = 0) -> torch.Tensor:
     """[n, hidden] starting prompt: a text's token embeddings (cycled/cut to n), sampled vocabulary rows, or noise."""
     if n < 1:
         raise CulturalignError(f"--tokens must be at least 1, got {n}")
-    table = lm.model.get_input_embeddings().weight.detach().float().cpu()
+    table = backend.embedding_table()
     g = torch.Generator().manual_seed(seed)
     if how == "text":
-        ids = lm.tokenizer(text or "", add_special_tokens=False)["input_ids"]
+        ids = backend.tokenizer(text or "", add_special_tokens=False)["input_ids"]
         if not ids:
             raise CulturalignError("soft prompt init 'text' needs a non-empty text")
         ids = (ids * math.ceil(n / len(ids)))[:n]

@@ -1,27 +1,83 @@
 """A model's cultural profile: put the instrument to the model, score the answers, compare to a target.
 
-`Survey` binds a model, an instrument, a prompt profile and a target. It is the single code path for
-the `survey` command and for the optimizer's objective (`Survey.loss` on a batch of soft prompts),
-so the profile an aligned prompt is scored with during search is the one it is reported with.
+`Survey` binds a backend (the frozen model), an instrument, a prompt profile and a target. It is the
+single code path for the `survey` command and for the optimizer's objective (`Survey.loss` on a batch
+of soft prompts), so the profile an aligned prompt is scored with during search is the one it is
+reported with. It uses only the `Backend` interface: the prompt set once, option distributions per
+call, generation in sample mode.
+
+Sample mode is the Cultural Alignment Test's: generate N answers per item at a temperature and parse
+the code; unparsable answers are counted, never dropped silently.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from culturalign.elicitation import Distributions, SurveyEvaluator, sample_answers
+from culturalign.backends import Backend, Distributions, GenerationRequest
 from culturalign.errors import CulturalignError
 from culturalign.instrument import Instrument
-from culturalign.models import LoadedModel
 from culturalign.prompts import ANSWER_PREFIX, encode_items
 from culturalign.targets import Target, l1
 
 MODES = ("logprob", "sample")
+ANSWER_RE = re.compile(r"^\s*\(?\s*([0-9]+)")
+
+
+def parse_answer(text: str, codes) -> int | None:
+    """The answer code at the start of a generated answer, or None if there is none."""
+    m = ANSWER_RE.match(text)
+    if m and int(m.group(1)) in codes:
+        return int(m.group(1))
+    return None
+
+
+@dataclass
+class Samples:
+    counts: np.ndarray  # [I, K] parsed answers per code
+    unparsable: np.ndarray  # [I]
+    examples: list[list[str]]  # a few unparsable answers per item, for the report
+
+
+def sample_answers(backend: Backend, sequences: list[list[int]], codes, n: int = 10, temperature: float = 1.0,
+                   soft: torch.Tensor | None = None, seed: int = 0, max_new_tokens: int = 4,
+                   batch_items: int = 8) -> Samples:
+    """Generate `n` answers per item (CAT style) and count the parsed codes.
+
+    `soft`: one soft prompt ([n, H] or [1, n, H]) put before every item, or None. Items are generated
+    `batch_items` at a time, each batch seeded from `seed`; temperature <= 0 is greedy (one answer
+    per item, counted n times).
+    """
+    if soft is not None and soft.dim() == 3:
+        if soft.shape[0] != 1:
+            raise ValueError(f"sample_answers takes one soft prompt, got {soft.shape[0]}")
+        soft = soft[0]
+    counts = np.zeros((len(sequences), len(codes)), dtype=int)
+    bad = np.zeros(len(sequences), dtype=int)
+    examples: list[list[str]] = [[] for _ in sequences]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for b0 in range(0, len(sequences), batch_items):
+        chunk = sequences[b0 : b0 + batch_items]
+        chunk_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        answers = backend.generate([GenerationRequest(s, soft) for s in chunk], max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=chunk_seed, num_return_sequences=n)
+        for j, row in enumerate(answers):
+            i = b0 + j
+            for g in row:
+                code = parse_answer(g.text, codes)
+                if code is None:
+                    bad[i] += 1
+                    if len(examples[i]) < 3:
+                        examples[i].append(g.text)
+                else:
+                    counts[i, list(codes).index(code)] += 1
+    return Samples(counts, bad, examples)
 
 
 @dataclass
@@ -70,16 +126,16 @@ class SurveyResult:
 class Survey:
     """The instrument, as asked of one model under one prompt profile, scored against one target."""
 
-    def __init__(self, lm: LoadedModel, instrument: Instrument, prompt: str = "naive", target: Target | None = None,
-                 constants: dict[str, float] | None = None, answer_prefix: str = ANSWER_PREFIX, max_rows: int = 96):
-        self.lm, self.instrument, self.prompt, self.target = lm, instrument, prompt, target
+    def __init__(self, backend: Backend, instrument: Instrument, prompt: str = "naive", target: Target | None = None,
+                 constants: dict[str, float] | None = None, answer_prefix: str = ANSWER_PREFIX):
+        self.backend, self.instrument, self.prompt, self.target = backend, instrument, prompt, target
         self.constants = instrument.constants(constants)
-        self.sequences, self.option_ids = encode_items(lm.tokenizer, instrument, prompt, target, answer_prefix)
+        self.sequences, self.option_ids = encode_items(backend.tokenizer, instrument, prompt, target, answer_prefix)
         sections: dict[str, list[int]] = {}
         for i, it in enumerate(instrument.items):
             if it.section:
                 sections.setdefault(it.section, []).append(i)
-        self.evaluator = SurveyEvaluator(lm, self.sequences, self.option_ids, list(sections.values()), max_rows)
+        self.prompts = backend.prompt_set(self.sequences, list(sections.values()))
         if target is not None:
             dims = [d for d in instrument.dims if d in target.scores]
             if not dims:
@@ -87,8 +143,9 @@ class Survey:
             self.loss_mask = torch.tensor([d in target.scores for d in instrument.dims])
             self.target_vec = torch.tensor([target.scores.get(d, 0.0) for d in instrument.dims], dtype=torch.float32)
 
-    def distributions(self, soft: torch.Tensor | None = None) -> Distributions:
-        return self.evaluator(soft)
+    def distributions(self, soft=None) -> Distributions:
+        """[P, I, K] answer distributions (I items); `soft` as `Backend.option_distributions` takes it."""
+        return self.backend.option_distributions(self.prompts, self.option_ids, soft)
 
     def indices(self, dists: Distributions) -> torch.Tensor:
         """[P, n_indices] index scores from answer distributions (differentiable)."""
@@ -117,7 +174,7 @@ class Survey:
             d = self.distributions(soft)
         return self._result(d.probs[0].cpu().double().numpy(), d.mass[0].cpu().double().numpy(), label, "logprob",
                             {"seconds": round(time.perf_counter() - t0, 3),
-                             "tokens_processed": self.evaluator.tokens_per_candidate + (0 if soft is None else soft.shape[1])})
+                             "tokens_processed": self.prompts.tokens_per_candidate + (0 if soft is None else soft.shape[1])})
 
     def sample(self, n: int = 10, temperature: float = 1.0, soft: torch.Tensor | None = None, seed: int = 0,
                label: str | None = None) -> SurveyResult:
@@ -129,7 +186,7 @@ class Survey:
         t0 = time.perf_counter()
         if soft is not None and soft.dim() == 2:
             soft = soft.unsqueeze(0)
-        s = sample_answers(self.lm, self.sequences, self.instrument.codes, n, temperature, soft, seed)
+        s = sample_answers(self.backend, self.sequences, self.instrument.codes, n, temperature, soft, seed)
         parsed = s.counts.sum(1)
         if (parsed == 0).any():
             missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]
@@ -158,7 +215,7 @@ class Survey:
             for it, p, m, o in zip(self.instrument.items, probs, means, mass)
         ]
         return SurveyResult(
-            model=self.lm.name, instrument=self.instrument.id, prompt=label or self.prompt, mode=mode,
+            model=self.backend.name, instrument=self.instrument.id, prompt=label or self.prompt, mode=mode,
             constants=self.constants, items=items, indices=self.instrument.score_dict(means, self.constants),
             target=self.target, extra=extra,
         )

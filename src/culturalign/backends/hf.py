@@ -1,0 +1,270 @@
+"""`HFBackend`: a frozen transformers causal LM; the program's hot loop.
+
+`option_distributions` returns, for a batch of rows (each with its own soft prompt or none), each
+prompt's probability over the option tokens (next-token softmax restricted to them, renormalized)
+and the mass the model put on them before renormalizing. It does the work once where it can:
+
+    [soft prompt][ root prefix shared by all prompts ][ stage prefix ][ suffix ]
+     per row          computed once per row              once per stage  per prompt
+
+Each stage's KV cache is repeated (not recomputed) across what follows it; suffixes of one stage
+are left-padded with explicit position ids so the last position is the answer position for every
+row, and only that position's logits are computed. Rows whose soft prompts differ in length (None
+is length 0) are left-padded inside the root stage: the padding is masked out and position ids
+count only real tokens, so every row sees positions 0..L-1 exactly as if it were alone; later
+stages carry the root's padding mask and each row's position offset. Rows whose soft prompts all
+have one length take the unpadded path.
+
+`plain_option_distributions` is the straightforward version (every prompt as its full sequence,
+full logits), kept as the reference for tests and benchmarks. Both are differentiable when a soft
+prompt requires grad. `generate` runs transformers' generation loop on left-padded input embeddings,
+each row's soft prompt placed after its padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from culturalign.backends.base import (
+    Backend, Distributions, Generation, GenerationRequest, PromptSet, SoftPrompts,
+)
+
+
+def _read_options(logits: torch.Tensor, option_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(logits.float(), dim=-1)[..., option_ids]
+    mass = logp.exp().sum(-1)
+    return torch.softmax(logp, dim=-1), mass
+
+
+def _soft_rows(soft: SoftPrompts) -> tuple[int, torch.Tensor | None, list[torch.Tensor | None] | None]:
+    """(rows P, [P, n, H] when every row has a soft prompt of one length, else None, per-row list when lengths differ)."""
+    if soft is None:
+        return 1, None, None
+    if isinstance(soft, torch.Tensor):
+        if soft.dim() != 3:
+            raise ValueError(f"soft prompts: expected a tensor [P, n, H] or a list of [n, H] tensors, got shape {tuple(soft.shape)}")
+        return soft.shape[0], soft, None
+    rows = list(soft)
+    if not rows:
+        raise ValueError("soft prompts: empty list (use None for one row without a soft prompt)")
+    for r in rows:
+        if r is not None and (not isinstance(r, torch.Tensor) or r.dim() != 2):
+            raise ValueError("soft prompts: every row must be a tensor [n, H] or None")
+    if all(r is None for r in rows):
+        return len(rows), None, None
+    if all(r is not None for r in rows) and len({r.shape[0] for r in rows}) == 1:
+        return len(rows), torch.stack(rows), None
+    return len(rows), None, rows
+
+
+class HFBackend(Backend):
+    """A transformers causal LM (frozen, eval mode) and its tokenizer.
+
+    `max_rows`: largest batch of prompt rows per forward pass in `option_distributions` (memory bound).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str, device: torch.device | str, max_rows: int = 96):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device, self.max_rows = torch.device(device), max_rows
+
+    def __repr__(self) -> str:
+        return f"HFBackend({self.name!r}, device={self.device}, dtype={self.dtype})"
+
+    # -- the model's facts ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def embed(self, ids) -> torch.Tensor:
+        t = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.get_input_embeddings()(t)
+
+    def embedding_table(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight.detach().float().cpu()
+
+    def model_info(self) -> dict:
+        cfg = self.model.config
+        return {
+            "model_type": getattr(cfg, "model_type", None),
+            "num_layers": getattr(cfg, "num_hidden_layers", None),
+            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.model.get_input_embeddings().weight.shape[0],
+            "max_context": getattr(cfg, "max_position_embeddings", None),
+        }
+
+    # -- option distributions ---------------------------------------------------------------------------
+    def _run(self, embeds, attn, pos, kv):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv, config=self.model.config) if kv else DynamicCache(config=self.model.config)
+        out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None) -> Distributions:
+        dev, dtype = self.device, self.dtype
+        P, uniform, ragged = _soft_rows(soft)
+        K = len(option_ids)
+        probs = [[None] * prompts.n_items for _ in range(P)]
+        mass = [[None] * prompts.n_items for _ in range(P)]
+        grad = any(r is not None and r.requires_grad for r in (ragged or [uniform]))
+        with torch.set_grad_enabled(grad):
+            prefix = self.embed(prompts.root).to(dtype).unsqueeze(0).expand(P, -1, -1)
+            offsets = root_mask = None  # ragged rows only: each row's real length so far, and its padding mask
+            if ragged is not None:
+                prefix, root_mask = self._padded_root(prefix, ragged)
+                offsets = root_mask.sum(1)
+            elif uniform is not None:
+                prefix = torch.cat([uniform.to(device=dev, dtype=dtype), prefix], dim=1)
+            L0 = prefix.shape[1]
+            root_kv = None
+            if L0 > 0:
+                if root_mask is None:
+                    attn = torch.ones(P, L0, dtype=torch.long, device=dev)
+                    pos = torch.arange(L0, device=dev).unsqueeze(0).expand(P, -1)
+                else:
+                    attn, pos = root_mask, (root_mask.cumsum(-1) - 1).clamp(min=0)
+                _, root_kv = self._run(prefix, attn, pos, None)
+            for items, shared, suffixes in prompts.stages:
+                kv, past, pmask, off = root_kv, L0, root_mask, offsets
+                if shared:
+                    emb = self.embed(shared).to(dtype).unsqueeze(0).expand(P, -1, -1)
+                    n = len(shared)
+                    if pmask is None:
+                        attn = torch.ones(P, past + n, dtype=torch.long, device=dev)
+                        pos = (past + torch.arange(n, device=dev)).unsqueeze(0).expand(P, -1)
+                    else:
+                        attn = torch.cat([pmask, torch.ones(P, n, dtype=torch.long, device=dev)], 1)
+                        pos = off.unsqueeze(1) + torch.arange(n, device=dev)
+                        pmask, off = attn, off + n
+                    _, kv = self._run(emb, attn, pos, kv)
+                    past += n
+                k = len(items)
+                per = max(1, self.max_rows // k)
+                width = max(len(s) for s in suffixes)
+                pad = [width - len(s) for s in suffixes]
+                ids = torch.tensor([[0] * p + s for p, s in zip(pad, suffixes)], device=dev)
+                smask = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pad, suffixes)], device=dev)
+                local = torch.tensor([[0] * p + list(range(len(s))) for p, s in zip(pad, suffixes)], device=dev)
+                spos = past + local
+                semb = self.embed(ids).to(dtype)
+                for c0 in range(0, P, per):
+                    c1 = min(P, c0 + per)
+                    rows = (c1 - c0) * k
+                    ckv = [(a[c0:c1].repeat_interleave(k, 0), b[c0:c1].repeat_interleave(k, 0)) for a, b in kv] if kv else None
+                    if pmask is None:
+                        attn = torch.cat([torch.ones(rows, past, dtype=torch.long, device=dev), smask.repeat(c1 - c0, 1)], 1)
+                        pos = spos.repeat(c1 - c0, 1)
+                    else:
+                        attn = torch.cat([pmask[c0:c1].repeat_interleave(k, 0), smask.repeat(c1 - c0, 1)], 1)
+                        pos = off[c0:c1].repeat_interleave(k).unsqueeze(1) + local.repeat(c1 - c0, 1)
+                    logits, _ = self._run(semb.repeat(c1 - c0, 1, 1), attn, pos, ckv)
+                    p, m = _read_options(logits, option_ids)
+                    p, m = p.view(c1 - c0, k, K), m.view(c1 - c0, k)
+                    for ci in range(c1 - c0):
+                        for j, item in enumerate(items):
+                            probs[c0 + ci][item], mass[c0 + ci][item] = p[ci, j], m[ci, j]
+        return Distributions(
+            torch.stack([torch.stack(r) for r in probs]), torch.stack([torch.stack(r) for r in mass])
+        )
+
+    def _padded_root(self, root: torch.Tensor, soft: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pad][soft_p][root] per row, left-padded to the longest soft prompt, and its attention mask."""
+        dev, dtype = self.device, self.dtype
+        lengths = [0 if s is None else s.shape[0] for s in soft]
+        longest = max(lengths)
+        pad = self.embed([0]).to(dtype)  # any token: the padding is masked out
+        rows = []
+        for p, (s, n) in enumerate(zip(soft, lengths)):
+            parts = [pad.expand(longest - n, -1)] if n < longest else []
+            if n:
+                parts.append(s.to(device=dev, dtype=dtype))
+            rows.append(torch.cat([*parts, root[p]], 0))
+        r = root.shape[1]
+        mask = torch.tensor([[0] * (longest - n) + [1] * (n + r) for n in lengths], dtype=torch.long, device=dev)
+        return torch.stack(rows), mask
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+
+    def generate(self, requests: Sequence[GenerationRequest], *, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0, num_return_sequences: int = 1) -> list[list[Generation]]:
+        if max_new_tokens < 1 or num_return_sequences < 1:
+            raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
+        if not requests:
+            return []
+        dev, dtype, tok = self.device, self.dtype, self.tokenizer
+        lengths = [0 if r.soft is None else r.soft.shape[0] for r in requests]
+        width = max(n + len(r.ids) for n, r in zip(lengths, requests))
+        x, mask = [], []
+        for n, r in zip(lengths, requests):
+            pad = width - n - len(r.ids)
+            e = self.embed([tok.pad_token_id] * pad + list(r.ids)).to(dtype)
+            if n:
+                e = torch.cat([e[:pad], r.soft.to(device=dev, dtype=dtype), e[pad:]])
+            x.append(e)
+            mask.append([0] * pad + [1] * (n + len(r.ids)))
+        x = torch.stack(x)
+        mask = torch.tensor(mask, device=dev)
+        torch.manual_seed(seed)
+        greedy = temperature <= 0  # one deterministic continuation per row, copied
+        options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        copies = 1 if greedy else num_return_sequences
+        with torch.no_grad():
+            out = self.model.generate(
+                inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                num_return_sequences=copies, pad_token_id=tok.pad_token_id, **options,
+            )
+        eos = self._eos_ids()
+        results = []
+        for i, (n, r) in enumerate(zip(lengths, requests)):
+            row = []
+            for j in range(num_return_sequences):
+                ids = out[i * copies + (0 if greedy else j)].tolist()
+                end = next((t + 1 for t, v in enumerate(ids) if v in eos), None)
+                ids = ids if end is None else ids[:end]
+                row.append(Generation(text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                      prompt_tokens=n + len(r.ids), new_tokens=len(ids), finished=end is not None))
+            results.append(row)
+        return results
+
+
+def plain_option_distributions(backend: HFBackend, prompts: PromptSet | list[list[int]], option_ids: list[int],
+                               soft: SoftPrompts = None) -> Distributions:
+    """Reference: each prompt as its full sequence (soft prompt included), full logits, one batch per row."""
+    sequences = prompts.sequences if isinstance(prompts, PromptSet) else prompts
+    dev, dtype = backend.device, backend.dtype
+    emb = backend.model.get_input_embeddings()
+    P, uniform, ragged = _soft_rows(soft)
+    rows = ragged or [None if uniform is None else uniform[c] for c in range(P)]
+    width = max(len(s) for s in sequences)
+    probs, mass = [], []
+    with torch.set_grad_enabled(any(r is not None and r.requires_grad for r in rows)):
+        for c in range(P):
+            ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences], device=dev)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=dev)
+            x = emb(ids).to(dtype)
+            if rows[c] is not None:
+                n = rows[c].shape[0]
+                x = torch.cat([rows[c].to(device=dev, dtype=dtype).unsqueeze(0).expand(len(sequences), -1, -1), x], 1)
+                # left padding must stay on the left: move the soft prompt after each row's padding
+                x = torch.stack([torch.cat([x[i, n : n + width - len(s)], x[i, :n], x[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
+                mask = torch.cat([torch.ones(len(sequences), n, dtype=mask.dtype, device=dev), mask], 1)
+                mask = torch.stack([torch.cat([mask[i, n : n + width - len(s)], mask[i, :n], mask[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = backend.model(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits  # full logits
+            p, m = _read_options(logits[:, -1], option_ids)
+            probs.append(p)
+            mass.append(m)
+    return Distributions(torch.stack(probs), torch.stack(mass))
