@@ -211,17 +211,23 @@ def survey(
     if sp is not None:
         sp.check_width(lm.hidden_size)
         runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings, sp.source))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     results = []
-    for label, base, soft, source in runs:
-        with console.status(f"asking {len(inst.items)} items ({label}, {mode}) ..."):
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("items"),
+                   TimeElapsedColumn(), console=console, transient=True)
+    with bar:
+        for label, base, soft, source in runs:
+            task = bar.add_task(f"{label} ({mode})", total=len(inst.items))
             s = Survey(lm, inst, base, target, constants)
             if mode == "logprob":
-                r = s.result(soft, label)
+                r = s.result(soft, label, progress=lambda n, t=task: bar.update(t, completed=n))
             else:
                 r = s.sample(samples, temperature, soft, seed, label)
-        if source is not None:
-            r.extra["soft_prompt"] = source
-        results.append(r)
+                bar.update(task, completed=len(inst.items))
+            if source is not None:
+                r.extra["soft_prompt"] = source
+            results.append(r)
     to_stdout = json_path is not None and str(json_path) == STDOUT
     if json_path is not None:
         data = [r.to_json() for r in results]

@@ -143,9 +143,12 @@ class Survey:
             self.loss_mask = torch.tensor([d in target.scores for d in instrument.dims])
             self.target_vec = torch.tensor([target.scores.get(d, 0.0) for d in instrument.dims], dtype=torch.float32)
 
-    def distributions(self, soft=None) -> Distributions:
-        """[P, I, K] answer distributions (I items); `soft` as `Backend.option_distributions` takes it."""
-        return self.backend.option_distributions(self.prompts, self.option_ids, soft)
+    def distributions(self, soft=None, progress=None) -> Distributions:
+        """[P, I, K] answer distributions (I items); `soft` as `Backend.option_distributions` takes it;
+        `progress(n)` is called with the number of items answered so far."""
+        if progress is None:
+            return self.backend.option_distributions(self.prompts, self.option_ids, soft)
+        return self.backend.option_distributions(self.prompts, self.option_ids, soft, progress=progress)
 
     def indices(self, dists: Distributions) -> torch.Tensor:
         """[P, n_indices] index scores from answer distributions (differentiable)."""
@@ -165,13 +168,13 @@ class Survey:
             dist = dist + mass_weight * torch.relu(mass_floor - dists.mass.float()).mean(-1)
         return dist
 
-    def result(self, soft: torch.Tensor | None = None, label: str | None = None) -> SurveyResult:
+    def result(self, soft: torch.Tensor | None = None, label: str | None = None, progress=None) -> SurveyResult:
         """The logprob-mode profile of one soft prompt ([n, H] or [1, n, H]) or of none."""
         t0 = time.perf_counter()
         if soft is not None and soft.dim() == 2:
             soft = soft.unsqueeze(0)
         with torch.no_grad():
-            d = self.distributions(soft)
+            d = self.distributions(soft, progress)
         return self._result(d.probs[0].cpu().double().numpy(), d.mass[0].cpu().double().numpy(), label, "logprob",
                             {"seconds": round(time.perf_counter() - t0, 3),
                              "tokens_processed": self.prompts.tokens_per_candidate + (0 if soft is None else soft.shape[1])})

@@ -132,7 +132,8 @@ class Backend(ABC):
         return PromptSet(sequences, groups)
 
     @abstractmethod
-    def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None) -> Distributions:
+    def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None,
+                             progress=None) -> Distributions:
         """Each row's distribution over `option_ids` as the next token after each prompt: [P, I, K] and [P, I].
 
         `soft`: None (one row, no soft prompt), a tensor [P, n, H], or a sequence of P items each a

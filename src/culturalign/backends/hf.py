@@ -23,7 +23,7 @@ each row's soft prompt placed after its padding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -108,8 +108,10 @@ class HFBackend(Backend):
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
-    def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None) -> Distributions:
+    def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None,
+                             progress: Callable[[int], None] | None = None) -> Distributions:
         dev, dtype = self.device, self.dtype
+        answered = 0
         P, uniform, ragged = _soft_rows(soft)
         K = len(option_ids)
         probs = [[None] * prompts.n_items for _ in range(P)]
@@ -171,6 +173,9 @@ class HFBackend(Backend):
                     for ci in range(c1 - c0):
                         for j, item in enumerate(items):
                             probs[c0 + ci][item], mass[c0 + ci][item] = p[ci, j], m[ci, j]
+                answered += k
+                if progress is not None:
+                    progress(answered)  # prompts answered so far (for every row)
         return Distributions(
             torch.stack([torch.stack(r) for r in probs]), torch.stack([torch.stack(r) for r in mass])
         )
