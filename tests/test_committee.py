@@ -145,6 +145,9 @@ def test_build_experts_resumes_and_keeps_finished(tiny_lm, vsm, tmp_path):
 
     with pytest.raises(Stop):
         build_experts(tiny_lm, vsm, targets + [load_target("US")], cfg, tmp_path / "reg", progress=stop)
+    with pytest.raises(Stop):  # a first build interrupted before any expert finished resumes too
+        build_experts(tiny_lm, vsm, targets, cfg, tmp_path / "first", progress=stop)
+    assert build_experts(tiny_lm, vsm, targets[:1], cfg, tmp_path / "first").codes == ["CN"]
     assert (tmp_path / "reg" / "runs" / "US" / "checkpoint.json").is_file()
     reg = build_experts(tiny_lm, vsm, targets + [load_target("US")], cfg, tmp_path / "reg")
     assert reg.codes == ["CN", "JP", "US"]

@@ -168,7 +168,8 @@ def build_experts(backend, instrument, targets: list, config, out: str | Path,
         if reg.model != backend.name:
             raise CulturalignError(f"expert registry {str(out)!r} was built for model {reg.model!r}, not {backend.name!r}")
         entries = [e.info for e in reg.experts.values()]
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != "runs" and not p.name.startswith(".") for p in out.iterdir()):
+        # a folder holding only runs/ is a build interrupted before its first expert finished
         raise CulturalignError(f"--out {str(out)!r} is not empty and holds no expert registry; choose a new or empty folder")
     done = {e["code"] for e in entries}
     for target in targets:
