@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/survey.py
 	$(BIN)/python benchmarks/fitness.py
 	$(BIN)/python benchmarks/alignment.py
+	$(BIN)/python benchmarks/committee.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
