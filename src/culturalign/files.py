@@ -138,20 +138,25 @@ def check_output_dir(path: str | Path, flag: str) -> None:
     _probe_writable(base, what)
 
 
-def read_json_file(path: str | Path, what: str) -> object:
-    """Decode a JSON file, or raise one line naming it (missing, a folder, not UTF-8, not JSON)."""
-    p = Path(path)
+def read_text_file(path: str | Path, what: str, expected: str = "a file") -> str:
+    """A user's text file (UTF-8, a BOM allowed), or one line naming it: a folder, missing, not UTF-8, unreadable."""
+    p = Path(path).expanduser()
     if p.is_dir():
-        raise CulturalignError(f"{what} {str(p)!r} is a folder; expected a JSON file")
+        raise CulturalignError(f"{what} {str(p)!r} is a folder; expected {expected}")
     try:
-        text = p.read_text("utf-8")
+        return p.read_text("utf-8-sig")
     except FileNotFoundError:
-        raise CulturalignError(f"{what} {str(p)!r} not found") from None
-    except UnicodeDecodeError:
-        raise CulturalignError(f"{what} {str(p)!r} is not UTF-8 text") from None
+        raise CulturalignError(f"{what} {str(p)!r} not found; expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise CulturalignError(f"{what} {str(p)!r} is not UTF-8 text (undecodable byte at offset {e.start})") from None
     except OSError as e:
         raise CulturalignError(f"{what} {str(p)!r} cannot be read ({e.strerror or e})") from None
+
+
+def read_json_file(path: str | Path, what: str) -> object:
+    """Decode a JSON file, or raise one line naming it (missing, a folder, not UTF-8, not JSON)."""
+    text = read_text_file(path, what, "a JSON file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CulturalignError(f"{what} {str(p)!r} is not valid JSON ({e})") from None
+        raise CulturalignError(f"{what} {str(path)!r} is not valid JSON ({e})") from None

@@ -181,17 +181,10 @@ def _csv_rows(text: str, p: Path) -> list[dict]:
 
 def load_target_file(path: str | Path) -> TargetSet:
     """A user's targets: CSV with a header, or JSON (a list of objects, or {name: {dim: score}})."""
+    from culturalign.files import read_text_file
+
     p = Path(path)
-    if p.is_dir():
-        raise CulturalignError(f"target file {str(p)!r} is a folder; expected a CSV or JSON file")
-    if not p.is_file():
-        raise CulturalignError(f"target file {str(p)!r} not found")
-    try:
-        text = p.read_text("utf-8-sig")
-    except UnicodeDecodeError:
-        raise CulturalignError(f"{p}: not UTF-8 text") from None
-    except OSError as e:
-        raise CulturalignError(f"target file {str(p)!r} cannot be read ({e.strerror or e})") from None
+    text = read_text_file(p, "target file", "a CSV or JSON file")
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -118,14 +118,10 @@ def load_cultures(path: str | Path | None = None) -> list[Culture]:
         except (OSError, FileNotFoundError):
             raise CulturalignError(f"{where} is missing from the installed culturalign package; reinstall it") from None
     else:
-        p = Path(path).expanduser()
-        where = str(p)
-        if not p.is_file():
-            raise CulturalignError(f"cultures file {where!r} not found")
-        try:
-            text = p.read_text("utf-8-sig")
-        except UnicodeDecodeError:
-            raise CulturalignError(f"{where}: not UTF-8 text") from None
+        from culturalign.files import read_text_file
+
+        where = str(Path(path).expanduser())
+        text = read_text_file(path, "cultures file", "a JSON file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

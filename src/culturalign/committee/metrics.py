@@ -187,9 +187,10 @@ class Evaluator:
             item = Item(0, q.text, tuple(q.options))
             kcodes = tuple(range(1, len(q.options) + 1))
             seqs, option_ids = encode_prompts(tok, [item], kcodes, None)
+            prompts = c.backend.prompt_set(seqs)
             with torch.no_grad():
-                base = c.backend.option_distributions(c.backend.prompt_set(seqs), option_ids).probs[0, 0].double().cpu()
-                ex = c.backend.option_distributions(c.backend.prompt_set(seqs), option_ids, soft=soft).probs[:, 0].double().cpu()
+                base = c.backend.option_distributions(prompts, option_ids).probs[0, 0].double().cpu()
+                ex = c.backend.option_distributions(prompts, option_ids, soft=soft).probs[:, 0].double().cpu()
                 pseqs = [encode_prompts(tok, [item], kcodes, system_text("persona", self.targets[u]))[0][0] for u in cultures]
                 pers = c.backend.option_distributions(c.backend.prompt_set(pseqs), option_ids).probs[0].double().cpu()
             per_system = {"naive": base.expand(len(cultures), -1), "persona": pers}

@@ -56,17 +56,10 @@ def load_queries(path: str | Path | None = None) -> list[Query]:
     if path is None:
         text = resources.files("culturalign.data.committee").joinpath("queries.jsonl").read_text("utf-8")
         return _build(_jsonl_rows(text, BUILTIN_QUERIES), BUILTIN_QUERIES)
+    from culturalign.files import read_text_file
+
     p = Path(path)
-    if p.is_dir():
-        raise CulturalignError(f"{p}: is a folder; expected a JSONL or CSV file of queries")
-    if not p.exists():
-        raise CulturalignError(f"query file {str(p)!r} not found; expected a JSONL or CSV file")
-    try:
-        text = p.read_text("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CulturalignError(f"{p}: not UTF-8 text (undecodable byte at offset {e.start})") from None
-    except OSError as e:
-        raise CulturalignError(f"{p}: cannot be read ({e.strerror or e.__class__.__name__})") from None
+    text = read_text_file(p, "query file", "a JSONL or CSV file of queries")
     rows = _csv_rows(text, str(p)) if p.suffix.lower() == ".csv" else _jsonl_rows(text, str(p))
     return _build(rows, str(p))
 
