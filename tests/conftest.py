@@ -180,18 +180,23 @@ def make_registry(folder, lm, codes=("CN", "JP", "US"), n_tokens=3, seed=0, mode
     return folder
 
 
-class HashEncoder:
-    """A deterministic bag-of-words sentence encoder for router tests (no model to load)."""
+class BagOfWords:
+    """A deterministic fake encoder: hashed counts of lower-case words (stop words dropped), unit length."""
 
-    def __init__(self, dim: int = 256):
-        self.dim = dim
+    STOP = set("a an and the of to in on at for is are be it do does what how who which should i you my "
+               "with by as or their there this that people".split())
 
-    def encode(self, texts):
+    def __init__(self, dim: int = 2048):
+        self.dim, self.calls = dim, 0
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
         import re
         import zlib
 
+        self.calls += 1
         out = torch.zeros(len(texts), self.dim)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[i, zlib.crc32(w.encode()) % self.dim] += 1.0
-        return torch.nn.functional.normalize(out + 1e-6, dim=-1)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"[a-z0-9]+", text.lower()):
+                if word not in self.STOP:
+                    out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
+        return torch.nn.functional.normalize(out, dim=-1)

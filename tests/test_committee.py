@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HashEncoder, make_registry
+from conftest import BagOfWords, make_registry
 
 from culturalign import CulturalignError, load_instrument, load_target
 from culturalign.alignment import AlignConfig
@@ -33,7 +33,7 @@ def committee(tiny_lm, registry_dir):
     """Routing without the gate (the hash encoder is no judge of culture-dependence)."""
     return load_committee(tiny_lm, str(registry_dir), RouterConfig(gate=False), CommitteeConfig(max_new_tokens=6,
                                                                                                 compose_max_new_tokens=6),
-                          encoder=HashEncoder())
+                          encoder=BagOfWords())
 
 
 OPTIONS = ["strongly agree", "agree", "undecided", "disagree", "strongly disagree"]
@@ -243,7 +243,7 @@ def test_committee_eval_on_a_small_query_set(tiny_lm, registry_dir, tmp_path):
     qfile.write_text("\n".join(json.dumps(r) for r in rows))
     c = load_committee(tiny_lm, str(registry_dir), RouterConfig(gate=False), CommitteeConfig(max_new_tokens=4,
                                                                                              compose_max_new_tokens=4),
-                       encoder=HashEncoder())
+                       encoder=BagOfWords())
     targets = {code: load_target(code) for code in ("CN", "JP", "US", "FR")}
     cfg = EvalConfig(registry_cultures=["CN", "JP", "US"], heldout_cultures=["FR"], open_limit=1)
     result = Evaluator(c, load_queries(qfile), cfg, targets).run()

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import zlib
-
 import pytest
 import torch
+from conftest import BagOfWords
 
 from culturalign.committee.cultures import Culture, find_culture, load_cultures
 from culturalign.committee.encoder import SentenceEncoder, as_encoder, embedded_encoder_dir
@@ -122,25 +120,6 @@ HELD_OUT_DEPENDENT = [
     "Is it okay to give money as a wedding gift?",
     "What should I wear to a funeral?",
 ]
-
-
-class BagOfWords:
-    """A deterministic fake encoder: hashed counts of lower-case words (stop words dropped), unit length."""
-
-    STOP = set("a an and the of to in on at for is are be it do does what how who which should i you my "
-               "with by as or their there this that people".split())
-
-    def __init__(self, dim: int = 2048):
-        self.dim, self.calls = dim, 0
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        self.calls += 1
-        out = torch.zeros(len(texts), self.dim)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"[a-z0-9]+", text.lower()):
-                if word not in self.STOP:
-                    out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
-        return torch.nn.functional.normalize(out, dim=-1)
 
 
 FAKE_GATE = (
