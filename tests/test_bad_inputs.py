@@ -269,6 +269,23 @@ CASES = [
      registry, "JP"),
     ("eval-open-limit", ["committee", "eval", "--out", "{W}/e", "--open-limit", "-1", "--model", "{M}", "--experts", "{W}/reg"],
      registry, "--open-limit"),
+    # serve: every setting is checked before the model loads and before anything listens
+    ("serve-port-out-of-range", ["serve", "--model", "{M}", "--port", "70000"], None, "--port"),
+    ("serve-port-negative", ["serve", "--model", "{M}", "--port", "-1"], None, "--port"),
+    ("serve-port-not-a-number", ["serve", "--model", "{M}", "--port", "http"], None, "--port"),
+    ("serve-bad-host", ["serve", "--model", "{M}", "--host", "not a host!"], None, "not a host!"),
+    ("serve-empty-host", ["serve", "--model", "{M}", "--host", ""], None, "--host"),
+    ("serve-experts-missing", ["serve", "--model", "{M}", "--experts", "{W}/nope"], None, "does not exist"),
+    ("serve-experts-corrupt", ["serve", "--model", "{M}", "--experts", "{W}/reg"],
+     lambda w, m: (registry(w, m), (w / "reg" / "manifest.json").write_text("{")), "JSON"),
+    ("serve-experts-other-model", ["serve", "--model", "{M}", "--experts", "{W}/reg", "--port", "0"],
+     lambda w, m: registry(w, m, model="someone-else"), "built for model"),
+    ("serve-empty-api-key", ["serve", "--model", "{M}", "--api-key", ""], None, "--api-key"),
+    ("serve-max-batch-zero", ["serve", "--model", "{M}", "--max-batch", "0"], None, "--max-batch"),
+    ("serve-timeout-zero", ["serve", "--model", "{M}", "--timeout", "0"], None, "--timeout"),
+    ("serve-batch-window-nan", ["serve", "--model", "{M}", "--batch-window-ms", "nan"], None, "--batch-window-ms"),
+    ("serve-max-tokens-limit-zero", ["serve", "--model", "{M}", "--max-tokens-limit", "0"], None, "--max-tokens-limit"),
+    ("serve-top-k-zero", ["serve", "--model", "{M}", "--experts", "{W}/reg", "--top-k", "0", "--port", "0"], registry, "top_k"),
     # the embedded model's cache folder must be writable before the 35 s conversion starts
     ("survey-cache-unwritable", ["survey"], lambda w, m: None, "CULTURALIGN_CACHE"),
 ]
