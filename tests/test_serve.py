@@ -180,6 +180,17 @@ def test_an_expert_answers_with_its_soft_prompt(client, tiny_lm, committee):
     assert len({tuple(t) for t in texts.values()} | {tuple(base)}) > 1  # the soft prompts change the answer
 
 
+def test_without_max_tokens_the_default_fits_the_context(client, tiny_lm):
+    messages = user("word " * 78)
+    n = len(render_chat(tiny_lm.tokenizer, messages))
+    assert 256 - 32 < n < 256  # less room than the default max_tokens (32 here) leaves
+    r = client.chat.completions.create(model="tiny", messages=messages)
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens <= 256 - n
+    with pytest.raises(openai.BadRequestError) as e:  # asked for explicitly, it is an error
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=32)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
 def test_streamed_completion_matches_the_plain_one(client):
     messages = user("Tell me about tea.")
     plain = client.chat.completions.create(model="culturalign/CN", messages=messages, max_tokens=6)
@@ -488,6 +499,29 @@ def test_bad_input_gets_its_4xx(live, method, path, body, headers, status, param
     assert err["type"] == "invalid_request_error"
     assert "Traceback" not in json.dumps(data)
     assert live.raw("GET", "/health")[0] == 200  # and the server is fine
+
+
+class Broken:
+    """The tiny backend, except that generation fails as a broken model or device would."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+
+
+def test_a_failing_model_is_a_500_without_details(tiny_lm, caplog):
+    with serving(create_app(Broken(tiny_lm))) as s:
+        with caplog.at_level(logging.INFO, logger="culturalign.serve"):
+            status, _, data = s.raw("POST", CHAT, OK)
+        assert status == 500 and data["error"]["type"] == "server_error"
+        assert "CUDA" not in json.dumps(data) and "Traceback" not in json.dumps(data)
+        assert any("CUDA" in (r.exc_text or "") for r in caplog.records)  # the server's log has it
+        assert s.raw("GET", "/health")[0] == 200 and [m.id for m in s.client().models.list()] == ["tiny"]
 
 
 def test_the_client_raises_its_own_error_classes(client):

@@ -271,6 +271,9 @@ class Server:
             raise overloaded(str(e)) from None
         except CulturalignError as e:
             raise APIError(400, str(e)) from None
+        except Exception:  # a bug or a broken model: logged here, never shown to the client
+            log.exception("the model worker failed on a request")
+            raise APIError(500, "The server had an error while processing your request.", type="server_error") from None
 
     def submit(self, fn, *args):
         try:
@@ -317,7 +320,7 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
         try:
             yield
         finally:
-            srv.batcher.stop()
+            await asyncio.to_thread(srv.batcher.stop)  # lets the running job finish without blocking the loop
 
     app = FastAPI(title="culturalign", description="Cultural experts and their committee, OpenAI-compatible.",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -389,7 +392,7 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
             job = GenerationJob(messages=[{"role": x.chat_role, "content": x.content} for x in req.messages],
                                 soft=None if m.expert is None else m.expert.embeddings,
                                 max_tokens=max_tokens or cfg.default_max_tokens, temperature=temperature, seed=req.seed,
-                                max_context=srv.max_context)
+                                max_context=srv.max_context, fit=max_tokens is None)
             r: GenerationResult = await srv.wait(srv.submit(srv.batcher.submit_generation, job), started)
             text, finish = r.text, "stop" if r.finished else "length"
             usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}

@@ -66,6 +66,7 @@ class GenerationJob:
     temperature: float = 0.0
     seed: int | None = None
     max_context: int | None = None  # the server's cap; the model's own context applies too
+    fit: bool = False  # max_tokens is the server's default, not the client's: shrink it to the room left
 
 
 @dataclass
@@ -265,6 +266,8 @@ class Batcher:
         soft = 0 if job.soft is None else int(job.soft.shape[0])
         limits = [n for n in (job.max_context, self._context) if n]
         limit = min(limits) if limits else None
+        if limit is not None and job.fit and soft + len(ids) < limit:
+            job.max_tokens = min(job.max_tokens, limit - soft - len(ids))
         if limit is not None and soft + len(ids) + job.max_tokens > limit:
             raise ContextTooLong(
                 f"this model's maximum context length is {limit} tokens; the messages take {len(ids)} tokens"

@@ -16,7 +16,8 @@ Every limit exists so that one client cannot take the model away from the others
     max_body_bytes    largest request body (413 beyond it, before it is read in full).
     max_messages      most chat messages in one request.
     max_tokens_limit  the largest max_tokens a request may ask for.
-    default_max_tokens  max_tokens when a request gives none (the base model and experts).
+    default_max_tokens  max_tokens when a request gives none (the base model and experts), shortened
+                      to the room the context leaves.
     max_context       prompt tokens (soft prompt included) + max_tokens must fit in this many
                       positions, and never more than the model's own context.
     default_temperature  temperature when a request gives none: 0, greedy, so that the same request
