@@ -288,7 +288,7 @@ def test_a_wrong_key_is_401(tiny_lm, committee):
 
 def test_requests_that_arrive_together_share_one_forward_pass(tiny_lm, committee):
     """Four requests for three experts and the base model, one generate call; each answer as if alone."""
-    cfg = ServeConfig(batch_window_ms=500, max_batch=8)
+    cfg = ServeConfig(batch_window_ms=1000, max_batch=8)  # a generous window: the test machine may be busy
     models = ["culturalign/CN", "culturalign/JP", "tiny", "culturalign/US"]
     questions = ["How do you greet elders?", "What is a good gift?", "Who pays for dinner?", "When do people marry?"]
     with serving(create_app(tiny_lm, committee, cfg)) as s:
@@ -563,7 +563,10 @@ def test_one_log_line_per_request(live, client, caplog):
         client.chat.completions.create(model="culturalign/US", messages=user("Hi"), max_tokens=2)
         live.raw("POST", CHAT, chat(model="nope"))
         live.raw("POST", CHAT, "{bad")
-    lines = [r.getMessage() for r in caplog.records if r.name == "culturalign.serve"]
+        deadline = time.monotonic() + 5  # a line is written once its response is sent: the client may be first
+        while len(lines := [r.getMessage() for r in caplog.records if r.name == "culturalign.serve"]) < 3:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.01)
     assert len(lines) == 3, lines
     assert re.fullmatch(r"POST /v1/chat/completions model=culturalign/US status=200 prompt_tokens=\d+ completion_tokens=\d+ "
                         r"batch=1 latency_ms=[\d.]+", lines[0]), lines[0]

@@ -107,22 +107,23 @@ class Guard:
 
     def __init__(self, app, config: ServeConfig):
         self.app, self.config = app, config
-        self.key = config.api_key.encode() if config.api_key else None
+        self.key = config.api_key.encode("utf-8") if config.api_key else None
 
     def _refuse(self, scope) -> APIError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}  # raw bytes, as sent
         if self.key is not None and scope["path"].startswith("/v1"):
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if not auth or scheme.lower() != "bearer":
+            auth = headers.get(b"authorization", b"").strip()
+            scheme, _, given = auth.partition(b" ")
+            if not auth or scheme.lower() != b"bearer":
                 return APIError(401, "You didn't provide an API key. Provide it in an Authorization header using Bearer "
                                      "auth (Authorization: Bearer YOUR_KEY).", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})
-            if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.key):
+            if not hmac.compare_digest(given.strip(), self.key):  # constant time: no early exit on the first wrong byte
                 return APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})
-        declared = headers.get("content-length")
+        declared = headers.get(b"content-length")
         if declared is not None:
+            declared = declared.decode("latin-1")
             if not declared.strip().isdigit():
                 return APIError(400, f"Content-Length {declared[:40]!r} is not a number")
             if int(declared) > self.config.max_body_bytes:
@@ -377,7 +378,7 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
         cfg = srv.config
         if len(req.messages) > cfg.max_messages:
             raise APIError(400, f"messages: {len(req.messages)} messages; the limit is {cfg.max_messages}", param="messages")
-        max_tokens = req.limit if req.limit is not None else None
+        max_tokens = req.limit  # None: the server's default (the committee: its own)
         if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
             param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
             raise APIError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", param=param)
