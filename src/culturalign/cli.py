@@ -66,6 +66,19 @@ out = Console()
 MODEL_HELP = "smollm2-135m (embedded default), a local Hugging Face model directory, or a hub id."
 COUNTRY_HELP = "Target country or region: ISO code (CN, CHN), Hofstede code (CHI) or name (China)."
 TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --target-file)."
+OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de (Differential Evolution, the paper's "
+                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals), "
+                  "random (the floor). White-box references: adam (gradient descent on the full prompt), adam-subspace "
+                  "(gradients through the same projection the black-box methods search).")
+
+
+def _align_defaults():
+    from culturalign.alignment import AlignConfig
+
+    return AlignConfig()
+
+
+_D = _align_defaults()  # the CLI's defaults are AlignConfig's
 
 
 def _quiet_libraries() -> None:
@@ -241,7 +254,10 @@ def survey(
         shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
 
 
-ALIGN_EPILOG = "Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget to extend a finished run."
+ALIGN_EPILOG = ("Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget "
+                "to extend a finished run. Every optimizer resumes mid-run to the identical result: de, random and adam "
+                "from their saved state; cmaes (pycma) and dfols (DFO-LS), whose engines cannot export their state, by "
+                "replaying their logged evaluations into a fresh engine (no model calls).")
 
 
 @app.command(cls=Command, epilog=ALIGN_EPILOG)
@@ -251,23 +267,27 @@ def align(
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
     target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
-    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="de: Differential Evolution (black-box, the paper's method); adam: gradient descent on the full prompt (white-box comparison)."),
-    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey. DE spends whole generations of --popsize and needs at least 2 x popsize; adam: one per step."),
-    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
-    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension d, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for DE, initialisation and (unless --projection-seed) the projection A."),
+    optimizer: str = typer.Option(_D.optimizer, "--optimizer", metavar="NAME", help=OPTIMIZER_HELP),
+    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey, spent in whole batches: de, cmaes and random evaluate --popsize per batch (de needs at least 2 x popsize), dfols and adam one (dfols needs at least dim + 2)."),
+    tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
+    dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension d of the black-box methods and adam-subspace, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
+    seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of the search, the initialisation and (unless --projection-seed) the projection A."),
     projection_seed: Optional[int] = typer.Option(None, "--projection-seed", metavar="N", help="Seed of the random projection A (default: --seed)."),
-    init: str = typer.Option("text", "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
+    basis: str = typer.Option(_D.basis, "--basis", metavar="NAME", help="Projection A: gain (Gaussian, each embedding coordinate weighted by the model's first input-norm weight ^ --gain-power: moves where the model listens; no target, no gradient) or gaussian (plain Gaussian, as Black-Box Tuning)."),
+    gain_power: float = typer.Option(_D.gain_power, "--gain-power", metavar="P", help="--basis gain: exponent of the per-coordinate weight (>= 0; 0 = gaussian)."),
+    init: str = typer.Option(_D.init, "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
     init_text: Optional[str] = typer.Option(None, "--init-text", metavar="TEXT", help="Text for --init text (default: 'You are a typical person from <country>.')."),
-    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size: at least 4 (best1bin), 4 (rand1bin, currenttobest1bin) or 6 (rand2bin)."),
-    mutation: str = typer.Option("0.5,1.0", "--mutation", metavar="F", help="DE F in (0, 2]: a number, or 'min,max' dithered per generation."),
-    crossover: float = typer.Option(0.9, "--crossover", metavar="CR", help="DE crossover probability CR in [0, 1]."),
-    strategy: str = typer.Option("best1bin", "--strategy", metavar="NAME", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
-    bound: float = typer.Option(1.0, "--bound", metavar="B", help="DE box: z in [-B, B]^d, B > 0."),
-    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="Size of the DE search around the initial prompt (> 0): std of A z per coordinate, in units of the embedding table's std."),
-    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate (> 0)."),
-    mass_floor: float = typer.Option(0.5, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
-    mass_weight: float = typer.Option(100.0, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
+    popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random: de needs at least 4 (best1bin, rand1bin, currenttobest1bin) or 6 (rand2bin); cmaes and random at least 2."),
+    mutation: str = typer.Option(",".join(str(x) for x in _D.mutation), "--mutation", metavar="F", help="DE F in (0, 2]: a number, or 'min,max' dithered per generation."),
+    crossover: float = typer.Option(_D.crossover, "--crossover", metavar="CR", help="DE crossover probability CR in [0, 1]."),
+    strategy: str = typer.Option(_D.strategy, "--strategy", metavar="NAME", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
+    bound: float = typer.Option(_D.bound, "--bound", metavar="B", help="Search box of the black-box methods: z in [-B, B]^d, B > 0."),
+    sigma: float = typer.Option(_D.sigma, "--sigma", metavar="S", help="Size of the search around the initial prompt (> 0): RMS of A z per coordinate for z spread over the box, in units of the embedding table's std."),
+    cma_sigma0: float = typer.Option(_D.cma_sigma0, "--cma-sigma0", metavar="S", help="cmaes: initial step size as a fraction of --bound (> 0)."),
+    dfols_rhobeg: float = typer.Option(_D.dfols_rhobeg, "--dfols-rhobeg", metavar="R", help="dfols: initial trust-region radius as a fraction of --bound, in (0, 2]."),
+    lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="adam / adam-subspace learning rate (> 0)."),
+    mass_floor: float = typer.Option(_D.mass_floor, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
+    mass_weight: float = typer.Option(_D.mass_weight, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
     instrument: str = typer.Option("vsm2013", "--instrument", metavar="ID|FILE", help="Built-in instrument id or a JSON file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder, new or empty (default runs/<country>-<optimizer>-s<seed>)."),
@@ -317,7 +337,8 @@ def align(
         cfg = AlignConfig(
             optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
             init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
-            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, lr=lr, mass_floor=mass_floor,
+            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, basis=basis, gain_power=gain_power,
+            cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
         ).validate()
         if out_dir is None:
@@ -338,7 +359,7 @@ def align(
     )
     try:
         with progress:
-            total = cfg.budget // cfg.popsize * cfg.popsize if cfg.optimizer == "de" else cfg.budget  # DE: whole generations
+            total = cfg.budget // cfg.batch_size * cfg.batch_size  # whole batches
             task = progress.add_task(f"align {escape(target.name)} ({cfg.optimizer})", total=total,
                                      completed=aligner.evaluations_done, gen="-", best="-")
 
@@ -361,8 +382,9 @@ def align(
 
 
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
-RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize", "mutation",
-             "crossover", "strategy", "bound", "sigma", "lr", "mass_floor", "mass_weight")
+RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "basis", "gain_power", "init", "init_text", "popsize",
+             "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "mass_floor",
+             "mass_weight")
 
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
@@ -408,14 +430,15 @@ def experts_build(
     out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="Registry folder: new, empty, or a registry to continue (finished experts are kept)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help="Target set for cultures given without @SET."),
-    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="Any optimizer `align` offers: de or adam."),
-    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations per expert (see `align --help`)."),
-    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length."),
-    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension."),
-    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="DE search size (embedding stds)."),
-    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size (>= 4)."),
-    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of every expert's search."),
+    optimizer: str = typer.Option(_D.optimizer, "--optimizer", metavar="NAME", help="Any optimizer `align` offers (see `align --help`)."),
+    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations per expert (see `align --help`)."),
+    tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length."),
+    dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension of the black-box methods."),
+    sigma: float = typer.Option(_D.sigma, "--sigma", metavar="S", help="Search size (embedding stds)."),
+    basis: str = typer.Option(_D.basis, "--basis", metavar="NAME", help="Projection basis: gain or gaussian (see `align --help`)."),
+    popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random."),
+    lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="Adam learning rate."),
+    seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of every expert's search."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
     """Align one soft prompt per culture and write a registry (one PEFT folder per culture + manifest.json).
@@ -434,8 +457,8 @@ def experts_build(
 
     specs = parse_culture_specs(countries, targets)
     found = [load_target(code, set_name) for code, set_name in specs]
-    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma, popsize=popsize, lr=lr,
-                      seed=seed).validate()
+    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma, basis=basis,
+                      popsize=popsize, lr=lr, seed=seed).validate()
     check_output_dir(out_dir, "--out")
     inst = load_instrument("vsm2013")
     cfg.constants = inst.constants()
@@ -443,7 +466,7 @@ def experts_build(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
                         TextColumn("best L1 {task.fields[best]}"), TimeElapsedColumn(), console=console)
     tasks: dict = {}
-    total = budget // popsize * popsize if optimizer == "de" else budget
+    total = budget // cfg.batch_size * cfg.batch_size
 
     def start(code, aligner):
         tasks[code] = progress.add_task(f"expert {escape(code)}", total=total, completed=aligner.evaluations_done, best="-")
