@@ -519,22 +519,3 @@ def test_history_option_mass_is_the_best_candidates(de_run):
         if b["best_loss"] == a["best_loss"]:
             assert b["best_option_mass"] == a["best_option_mass"]
     assert h[-1]["best_option_mass"] == pytest.approx(result["profiles"]["aligned"]["mean_option_mass"], abs=1e-5)
-
-
-def test_gain_basis_weights_the_coordinates_the_model_amplifies(tiny_lm, vsm, target, tmp_path):
-    from culturalign.softprompt import Projection, coordinate_weights
-
-    gain = tiny_lm.input_gain()
-    assert gain is not None and gain.shape == (tiny_lm.hidden_size,)
-    w = coordinate_weights(gain, 2.0)
-    assert float((w**2).mean()) == pytest.approx(1.0)
-    p0 = torch.zeros(2, tiny_lm.hidden_size)
-    plain = Projection(p0, 8, 0, 1.0, 1.0, 2.0)
-    weighted = Projection(p0, 8, 0, 1.0, 1.0, 2.0, w)
-    assert torch.allclose(weighted.A, plain.A * w.repeat(2)[:, None])
-    with pytest.raises(CulturalignError, match="no"):
-        coordinate_weights(None, 2.0)
-    result = Aligner(tiny_lm, vsm, target, config(basis="gain"), tmp_path / "g").run()
-    assert result["settings"]["basis"] == "gain"
-    with pytest.raises(CulturalignError, match="--basis"):
-        config(basis="pca").validate()

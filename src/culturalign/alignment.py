@@ -34,7 +34,7 @@ from culturalign.objective import FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
 from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, LoopState, Optimizer, RandomSearch,
                                 minimize)
-from culturalign.softprompt import BASES, INITS, Projection, coordinate_weights, SoftPrompt, embedding_std, initial_prompt
+from culturalign.softprompt import INITS, Projection, SoftPrompt, embedding_std, initial_prompt
 from culturalign.survey import Survey
 from culturalign.targets import Target
 
@@ -59,8 +59,6 @@ class AlignConfig:
     strategy: str = "best1bin"
     bound: float = 1.0
     sigma: float = 40.0  # std of A z per coordinate, in embedding stds (see README, measured choice)
-    basis: str = "gaussian"  # projection A: gaussian (BBT) or gain (weighted by the model's first input norm)
-    gain_power: float = 2.0  # "gain" basis: weight per embedding coordinate = |norm weight|^power
     lr: float = 0.02  # adam, adam-subspace
     cma_sigma0: float = 0.3  # cmaes: initial step, as a fraction of the bound
     dfols_rhobeg: float = 0.3  # dfols: initial trust-region radius, as a fraction of the bound
@@ -72,9 +70,6 @@ class AlignConfig:
         """Check every field before any work starts; errors name the command-line flag."""
         if self.optimizer not in OPTIMIZERS:
             raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-        if self.basis not in BASES:
-            raise CulturalignError(f"--basis {self.basis!r}: expected one of {', '.join(BASES)}")
-        _finite("--gain-power", self.gain_power, low=0.0)
         if self.init not in INITS:
             raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
         for flag, value in (("--budget", self.budget), ("--tokens", self.tokens), ("--dim", self.dim)):
@@ -292,8 +287,7 @@ class Aligner:
         """Run the configured optimizer through the one loop; returns the best prompt, the history, the loop state."""
         cfg = self.cfg
         if cfg.uses_projection:
-            weights = coordinate_weights(self.backend.input_gain(), cfg.gain_power) if cfg.basis == "gain" else None
-            param = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.backend), cfg.bound, cfg.sigma, weights)
+            param = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.backend), cfg.bound, cfg.sigma)
             x0 = None
         else:
             param = FullPrompt(p0)

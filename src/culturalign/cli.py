@@ -273,8 +273,6 @@ def align(
     dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension d of the black-box methods and adam-subspace, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
     seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of the search, the initialisation and (unless --projection-seed) the projection A."),
     projection_seed: Optional[int] = typer.Option(None, "--projection-seed", metavar="N", help="Seed of the random projection A (default: --seed)."),
-    basis: str = typer.Option(_D.basis, "--basis", metavar="NAME", help="Projection A: gain (Gaussian, each embedding coordinate weighted by the model's first input-norm weight ^ --gain-power: moves where the model listens; no target, no gradient) or gaussian (plain Gaussian, as Black-Box Tuning)."),
-    gain_power: float = typer.Option(_D.gain_power, "--gain-power", metavar="P", help="--basis gain: exponent of the per-coordinate weight (>= 0; 0 = gaussian)."),
     init: str = typer.Option(_D.init, "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
     init_text: Optional[str] = typer.Option(None, "--init-text", metavar="TEXT", help="Text for --init text (default: 'You are a typical person from <country>.')."),
     popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random: de needs at least 4 (best1bin, rand1bin, currenttobest1bin) or 6 (rand2bin); cmaes and random at least 2."),
@@ -337,7 +335,7 @@ def align(
         cfg = AlignConfig(
             optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
             init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
-            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, basis=basis, gain_power=gain_power,
+            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma,
             cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
         ).validate()
@@ -382,7 +380,7 @@ def align(
 
 
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
-RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "basis", "gain_power", "init", "init_text", "popsize",
+RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize",
              "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "mass_floor",
              "mass_weight")
 
@@ -435,7 +433,6 @@ def experts_build(
     tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length."),
     dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension of the black-box methods."),
     sigma: float = typer.Option(_D.sigma, "--sigma", metavar="S", help="Search size (embedding stds)."),
-    basis: str = typer.Option(_D.basis, "--basis", metavar="NAME", help="Projection basis: gain or gaussian (see `align --help`)."),
     popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random."),
     lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="Adam learning rate."),
     seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of every expert's search."),
@@ -457,7 +454,7 @@ def experts_build(
 
     specs = parse_culture_specs(countries, targets)
     found = [load_target(code, set_name) for code, set_name in specs]
-    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma, basis=basis,
+    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma,
                       popsize=popsize, lr=lr, seed=seed).validate()
     check_output_dir(out_dir, "--out")
     inst = load_instrument("vsm2013")

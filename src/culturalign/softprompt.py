@@ -153,32 +153,10 @@ def initial_prompt(backend: Backend, n: int, how: str = "text", text: str | None
     raise CulturalignError(f"unknown soft prompt init {how!r}; expected one of {', '.join(INITS)}")
 
 
-BASES = ("gaussian", "gain")
-
-
-def coordinate_weights(gain: torch.Tensor | None, power: float) -> torch.Tensor:
-    """[H] per-coordinate weights for the "gain" basis: |gain|^power, scaled to mean square 1 (so the
-    perturbation's overall size is still set by sigma alone)."""
-    if gain is None:
-        raise CulturalignError("--basis gain needs the model's input-norm weights, and this model has none; use --basis gaussian")
-    w = gain.float().abs() ** power
-    ms = float((w**2).mean())
-    if not math.isfinite(ms) or ms <= 0:
-        raise CulturalignError("--basis gain: the model's input-norm weights are all zero or not finite; use --basis gaussian")
-    return w / math.sqrt(ms)
-
-
 class Projection:
-    """prompt(z) = p0 + A z, z in [-bound, bound]^d; A Gaussian from `seed`, or scaled identity if d = n*hidden.
+    """prompt(z) = p0 + A z, z in [-bound, bound]^d; A Gaussian from `seed`, or scaled identity if d = n*hidden."""
 
-    `weights` ([H], optional): the "gain" basis. Row h of every token's block of A is multiplied by
-    weights[h] (mean square 1), so the search moves most along the embedding coordinates the model's
-    first block amplifies, at the same overall perturbation size. It uses the model's weights only:
-    no target, no gradient. On SmolLM2-135M it shrinks the step needed to reach a target ~6x (README).
-    """
-
-    def __init__(self, p0: torch.Tensor, dim: int, seed: int, emb_std: float, bound: float = 1.0, sigma: float = 1.0,
-                 weights: torch.Tensor | None = None):
+    def __init__(self, p0: torch.Tensor, dim: int, seed: int, emb_std: float, bound: float = 1.0, sigma: float = 1.0):
         self.p0, self.shape, self.dim, self.seed, self.bound = p0.float(), tuple(p0.shape), dim, seed, bound
         full = p0.numel()
         self.check_dim(dim, full)
@@ -193,12 +171,6 @@ class Projection:
         else:
             g = torch.Generator().manual_seed(seed)
             self.A = torch.randn(full, dim, generator=g) * (target_std / (math.sqrt(dim) * z_std))
-        if weights is not None:
-            w = weights.float().reshape(1, -1).expand(self.shape[0], -1).reshape(full)
-            if self.A is None:
-                self.scale = self.scale * w
-            else:
-                self.A = self.A * w[:, None]
 
     @staticmethod
     def check_dim(dim: int, full: int) -> None:

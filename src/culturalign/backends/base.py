@@ -127,12 +127,6 @@ class Backend(ABC):
     def model_info(self) -> dict:
         """num_layers, num_attention_heads, hidden_size, vocab_size, max_context (None where unknown)."""
 
-    def input_gain(self) -> torch.Tensor | None:
-        """[H] the per-coordinate gain the first block applies to its input embeddings (the weight of its
-        input RMSNorm/LayerNorm), float32 on the CPU; None where the model has none. It tells a search
-        which embedding coordinates the model amplifies (`softprompt.Projection`'s "gain" basis)."""
-        return None
-
     def prompt_set(self, sequences: list[list[int]], groups: list[list[int]] | None = None) -> PromptSet:
         """Prompts to be asked together; build once, ask many times."""
         return PromptSet(sequences, groups)

@@ -88,20 +88,6 @@ class HFBackend(Backend):
     def embedding_table(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight.detach().float().cpu()
 
-    def input_gain(self) -> torch.Tensor | None:
-        """The first decoder block's input-norm weight: the first 1-D parameter of width H whose name says
-        norm (`input_layernorm` in Llama/Qwen/Mistral, `ln_1` in GPT-2), found without naming architectures."""
-        H = self.hidden_size
-        for name, module in self.model.named_modules():
-            if not name or module is self.model:
-                continue
-            w = getattr(module, "weight", None)
-            leaf = name.rsplit(".", 1)[-1].lower()
-            if (isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == H and ("norm" in leaf or leaf.startswith("ln"))
-                    and any(ch.isdigit() for ch in name)):  # inside a numbered block, not a final norm
-                return w.detach().float().cpu().abs()
-        return None
-
     def model_info(self) -> dict:
         cfg = self.model.config
         return {
