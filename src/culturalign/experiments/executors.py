@@ -50,8 +50,13 @@ class LocalExecutor:
 
         if self.backend is None:
             self.backend = load_backend(exp.model, device=self.device)
-        self.aligners = {s.cell.name: Aligner(self.backend, exp.instrument, s.cell.target, s.cell.config, s.out,
-                                              resume=s.resume) for s in todo}
+        self.aligners = {}
+        for s in todo:
+            try:
+                self.aligners[s.cell.name] = Aligner(self.backend, exp.instrument, s.cell.target, s.cell.config, s.out,
+                                                     resume=s.resume)
+            except CulturalignError as e:
+                raise CulturalignError(f"{exp.path}: cell {s.cell.name}: {e}") from None
         yield self
 
     def run(self, exp, todo, progress) -> None:
