@@ -660,13 +660,14 @@ def experiment(
         out.print(table)
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-                        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console)
+                        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=True)
     done = sum(s.status == "done" for s in states)
     tasks: dict = {}
 
     def update(kind, state, info):
         name = state.cell.name
         if kind == "start":
+            progress.update(cells_task, description=f"experiment {escape(exp.name)}")
             tasks[name] = progress.add_task(f"  {escape(name)}", total=state.cell.budget, completed=info["evaluations"],
                                             unit="evals", best="")
         elif kind == "progress" and name in tasks:
@@ -677,7 +678,8 @@ def experiment(
 
     try:
         with progress:
-            cells_task = progress.add_task(f"experiment {escape(exp.name)}", total=len(states), completed=done,
+            getting_ready = "loading the model" if executor == "local" else "starting Ray"
+            cells_task = progress.add_task(f"experiment {escape(exp.name)} ({getting_ready} ...)", total=len(states), completed=done,
                                            unit="cells", best="")
             result = run_experiment(exp, out_dir, runner, progress=update, states=states)
     except KeyboardInterrupt:
