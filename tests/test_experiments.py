@@ -505,6 +505,7 @@ def test_cli_runs_a_grid(tmp_path, tiny_dir, capsys):
     (["--executor", "ray", "--cell-timeout", "0"], "--cell-timeout"),
     (["--executor", "ray", "--num-cpus", "2", "--address", "auto"], "cannot be given with --address"),
     (["--device", "tpu"], "'tpu'"),
+    (["--executor", "ray", "--model", "/nope/model"], "model directory '/nope/model' does not exist"),  # before Ray starts
 ])
 def test_cli_executor_options(argv, needle, tmp_path, capsys):
     spec = write(tmp_path, "g.yaml", SMALL.format(budget=12))

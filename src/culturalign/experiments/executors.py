@@ -105,7 +105,7 @@ class RayExecutor:
             raise CulturalignError(f"--cell-timeout must be a number of seconds > 0, got {cell_timeout}")
         self.address, self.num_cpus, self.device = address, num_cpus, device
         self.cell_timeout, self.poll, self.init_options = cell_timeout, poll_seconds, init_options or {}
-        self.ray, self.gpus, self.slots, self.started = None, 0, 1, False
+        self.ray, self.gpus, self.slots, self.started, self.task = None, 0, 1, False, None
 
     @staticmethod
     def available() -> None:
@@ -118,6 +118,10 @@ class RayExecutor:
     @contextlib.contextmanager
     def open(self, exp, todo):
         self.available()
+        if self.address is None:  # a local cluster shares this filesystem: a missing model folder fails here, once
+            model = Path(exp.model).expanduser()
+            if exp.model.startswith((".", "/", "~")) and not model.is_dir():
+                raise CulturalignError(f"model directory {exp.model!r} does not exist")
         import culturalign
         import ray
 
@@ -146,14 +150,15 @@ class RayExecutor:
             self.slots = max(1, self.gpus if self.gpus else int(res.get("CPU", 1)))
             yield self
         finally:
+            self.task = None
             if self.started:
                 ray.shutdown()
                 self.started = False
 
     def _submit(self, exp, s):
-        ray = self.ray
-        task = ray.remote(run_cell_task).options(num_cpus=1, num_gpus=1 if self.gpus else 0, max_retries=0)
-        return task.remote(exp.model, self.device, exp.instrument, s.cell.target, s.cell.config, str(s.out.resolve()),
+        if self.task is None:
+            self.task = self.ray.remote(run_cell_task).options(num_cpus=1, num_gpus=1 if self.gpus else 0, max_retries=0)
+        return self.task.remote(exp.model, self.device, exp.instrument, s.cell.target, s.cell.config, str(s.out.resolve()),
                            s.resume)
 
     def _poll_progress(self, running, progress) -> None:

@@ -46,7 +46,7 @@ DEFAULT_MODEL = "smollm2-135m"
 class _Strict(BaseModel):
     """Unknown keys are errors that list the keys this table accepts."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -336,7 +336,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
         try:
             target = load_target(t.country, t.set)
         except CulturalignError as e:
-            key = "set" if "target set" in str(e) and "unknown target set" in str(e) else "country"
+            key = "set" if "unknown target set" in str(e) else "country"
             raise CulturalignError(f"{where}: grid.targets[{i}].{key}: {e}") from None
         ident = (target.name, target.set_name)
         if ident in seen:
