@@ -203,7 +203,11 @@ class _UniqueKeyLoader:
             seen = set()
             for key_node, _ in node.value:
                 key = loader.construct_object(key_node, deep=deep)
-                if key in seen:
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: construct_mapping says so below
+                    continue
+                if repeated:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} is given twice", key_node.start_mark)
                 seen.add(key)
