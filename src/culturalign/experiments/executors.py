@@ -142,7 +142,9 @@ class RayExecutor:
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray cluster"
-                raise CulturalignError(f"--executor ray: could not start or join {where} ({first[:300]})") from None
+                hint = ("; check the address, and for a cluster with token authentication set RAY_AUTH_MODE=token "
+                        "and its token (RAY_AUTH_TOKEN)") if self.address else ""
+                raise CulturalignError(f"--executor ray: could not start or join {where} ({first[:300]}){hint}") from None
             self.started = True
         try:
             res = ray.cluster_resources()
