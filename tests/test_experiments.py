@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from culturalign import CulturalignError
+from culturalign.alignment import OPTIMIZERS
 from culturalign.cli import run
 from culturalign.experiments import load_spec, plan, run_experiment
 from culturalign.experiments.executors import LocalExecutor, RayExecutor, make_executor
@@ -141,7 +142,7 @@ BAD_FILES = [
     ("unknown-target-key", "g.yaml", "grid:\n  targets: [{country: CN, sets: x}]\n  optimizers: [de]\n",
      "g.yaml: grid.targets[0].sets: unknown key; expected one of country, set"),
     ("unknown-optimizer", "g.yaml", "grid:\n  targets: [CN]\n  optimizers: [de, adam, foo]\n",
-     "g.yaml: grid.optimizers[2]: unknown optimizer 'foo'; expected one of de, adam"),
+     f"g.yaml: grid.optimizers[2]: unknown optimizer 'foo'; expected one of {', '.join(OPTIMIZERS)}"),
     ("unknown-country", "g.yaml", "grid:\n  targets: [CN, Atlantis]\n  optimizers: [de]\n",
      "g.yaml: grid.targets[1].country: unknown country or region 'Atlantis'"),
     ("unknown-set", "g.yaml", "grid:\n  targets: [CN@hofstede-1999]\n  optimizers: [de]\n",

@@ -204,7 +204,7 @@ def convergence_plot(path: Path, title: str, curves_by_opt: dict[str, list[list[
 
     from culturalign.files import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     for opt, curves in curves_by_opt.items():
         curves = [sorted(c) for c in curves if c]
         if not curves:
@@ -227,7 +227,7 @@ def convergence_plot(path: Path, title: str, curves_by_opt: dict[str, list[list[
     ax.set_ylabel("best L1 to target")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
