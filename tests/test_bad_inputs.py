@@ -76,6 +76,23 @@ def registry(w: Path, m: Path, name: str = "reg", hidden: int = HIDDEN, model: s
     return folder
 
 
+EXPERIMENT = ["experiment", "{W}/g.yaml", "--model", "{M}", "--out", "{W}/e"]
+GRID = "grid:\n  targets: [CN]\n  optimizers: [de]\n  budget: 12\nsettings: {tokens: 2, dim: 2, sigma: 2.0}\n"
+
+
+def started_experiment(w: Path, m: Path) -> None:
+    """An experiment folder whose first cell has a checkpoint, started from g.yaml with sigma 2; g.yaml now says 3."""
+    from culturalign.experiments import load_spec
+    from culturalign.experiments.runner import CELLS_DIR, SCHEMA, SPEC_FILE
+
+    (w / "g.yaml").write_text(GRID)
+    exp = load_spec(w / "g.yaml", model=str(m))
+    (w / "e" / CELLS_DIR).mkdir(parents=True)
+    (w / "e" / SPEC_FILE).write_text(json.dumps({"schema": SCHEMA, "spec": exp.normalised()}))
+    checkpoint(w / "e" / CELLS_DIR / exp.cells[0].name, valid_checkpoint(False))
+    (w / "g.yaml").write_text(GRID.replace("sigma: 2.0", "sigma: 3.0"))
+
+
 def csv_file(name: str, text: str | bytes):
     return lambda w, m: (w / name).write_bytes(text if isinstance(text, bytes) else text.encode())
 
@@ -269,6 +286,25 @@ CASES = [
      registry, "JP"),
     ("eval-open-limit", ["committee", "eval", "--out", "{W}/e", "--open-limit", "-1", "--model", "{M}", "--experts", "{W}/reg"],
      registry, "--open-limit"),
+    # experiment: the file, the grid and the folder, all checked before the model loads
+    ("experiment-missing-file", ["experiment", "{W}/nope.yaml"], None, "nope.yaml"),
+    ("experiment-suffix", ["experiment", "{W}/g.json"], csv_file("g.json", "{}"), ".yaml, .yml or .toml"),
+    ("experiment-bad-yaml", EXPERIMENT, csv_file("g.yaml", "grid: [\n"), "not valid YAML"),
+    ("experiment-unknown-key", EXPERIMENT, csv_file("g.yaml", GRID + "colour: red\n"), "g.yaml: colour: unknown key"),
+    ("experiment-unknown-grid-key", EXPERIMENT, csv_file("g.yaml", GRID.replace("  budget", "  budgte")), "grid.budgte: unknown key"),
+    ("experiment-unknown-optimizer", EXPERIMENT, csv_file("g.yaml", GRID.replace("[de]", "[de, foo]")),
+     "grid.optimizers[1]: unknown optimizer 'foo'"),
+    ("experiment-unknown-country", EXPERIMENT, csv_file("g.yaml", GRID.replace("[CN]", "[CN, Atlantis]")),
+     "grid.targets[1].country: unknown country or region 'Atlantis'"),
+    ("experiment-empty-grid", EXPERIMENT, csv_file("g.yaml", GRID.replace("[CN]", "[]")), "grid.targets: empty"),
+    ("experiment-bad-setting", EXPERIMENT, csv_file("g.yaml", GRID.replace("sigma: 2.0", "sigma: .nan")), "settings.sigma"),
+    ("experiment-changed-file", EXPERIMENT, started_experiment, "(changed: settings.sigma)"),
+    ("experiment-out-not-empty", EXPERIMENT, lambda w, m: (csv_file("g.yaml", GRID)(w, m), (w / "e").mkdir(),
+                                                           (w / "e" / "x.txt").write_text("x")), "not empty"),
+    ("experiment-out-proc", ["experiment", "{W}/g.yaml", "--out", "/proc/e"], csv_file("g.yaml", GRID), "/proc"),
+    ("experiment-executor-unknown", [*EXPERIMENT, "--executor", "dask"], csv_file("g.yaml", GRID), "'dask'"),
+    # experiment: checked once the model is loaded, still before anything is written
+    ("experiment-dim-too-large", EXPERIMENT, csv_file("g.yaml", GRID.replace("dim: 2", "dim: 100000")), "--dim"),
     # the embedded model's cache folder must be writable before the 35 s conversion starts
     ("survey-cache-unwritable", ["survey"], lambda w, m: None, "CULTURALIGN_CACHE"),
 ]
