@@ -119,3 +119,110 @@ def test_reversed_survey_is_differentiable(tiny_lm, vsm):
     soft = (torch.randn(1, 2, tiny_lm.hidden_size) * 0.1).requires_grad_(True)
     s.indices(s.distributions(soft)).sum().backward()
     assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
+# ---- Backend.loglikelihood and perplexity ----------------------------------------------------------------------
+
+def reference_logprobs(lm, context, continuation, soft=None):
+    """Plain computation: one unpadded full forward of [soft][context][continuation], full logits."""
+    model = lm.model
+    x = model.get_input_embeddings()(torch.tensor(context + continuation))
+    if soft is not None:
+        x = torch.cat([soft, x])
+    logits = model(inputs_embeds=x.unsqueeze(0)).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    n0 = (0 if soft is None else soft.shape[0]) + len(context)
+    return torch.stack([logp[n0 + i - 1, t] for i, t in enumerate(continuation)])
+
+
+def _ids(lm, text):
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loglikelihood_equals_a_plain_forward(tiny_lm):
+    from culturalign.backends import LoglikelihoodRequest
+
+    g = torch.Generator().manual_seed(3)
+    texts = ["Answer options: strongly agree", "How proud are you to be a citizen of your country?",
+             "have a boss you can respect", "moderation: having few desires and keeping time free for fun"]
+    softs = [None, torch.randn(3, 32, generator=g) * 0.3, torch.randn(5, 32, generator=g) * 0.3, None]
+    contexts = [[2], [2], [], [2, 5]]
+    reqs = [LoglikelihoodRequest(c, _ids(tiny_lm, t), s) for c, t, s in zip(contexts, texts, softs)]
+    with torch.no_grad():
+        got = tiny_lm.loglikelihood(reqs)
+        one_by_one = tiny_lm.loglikelihood(reqs, max_logits=1)  # every window its own forward pass
+        for r, lp, lp1 in zip(reqs, got, one_by_one):
+            ref = reference_logprobs(tiny_lm, r.context, r.continuation, r.soft)
+            assert lp.shape == (len(r.continuation),)
+            assert torch.allclose(lp, ref, atol=1e-5), (lp - ref).abs().max()
+            assert torch.allclose(lp1, ref, atol=1e-5)
+    assert not torch.allclose(got[0][:3], tiny_lm.loglikelihood([LoglikelihoodRequest([2], reqs[0].continuation, softs[1])])[0][:3])
+
+
+def test_loglikelihood_rolling_windows(tiny_lm):
+    from culturalign.backends import LoglikelihoodRequest
+
+    ids = _ids(tiny_lm, " ".join(it.text for it in load_instrument().items[:6]))
+    assert len(ids) > 40
+    soft = torch.randn(3, 32, generator=torch.Generator().manual_seed(5)) * 0.3
+    limit, start = 16, [2]
+    with torch.no_grad():
+        got = tiny_lm.loglikelihood([LoglikelihoodRequest(start, ids, soft)], max_length=limit)[0]
+        full = tiny_lm.loglikelihood([LoglikelihoodRequest(start, ids, soft)])[0]
+        # the documented windows: disjoint runs of cap = limit - 3 targets, each read after the cap tokens before it
+        tokens, cap, expected = start + ids, limit - 3, []
+        s = 1
+        while s < len(tokens):
+            e = min(len(tokens), s + cap)
+            a = max(0, e - 1 - cap)
+            expected.append(reference_logprobs(tiny_lm, tokens[a:s], tokens[s:e], soft))
+            s = e
+    expected = torch.cat(expected)
+    assert got.shape == (len(ids),) and torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got[:cap], full[:cap], atol=1e-5)  # the first window sees the whole start
+    assert not torch.allclose(got, full, atol=1e-3)  # later windows really see less context
+
+
+def test_loglikelihood_bad_requests_and_gradient(tiny_lm):
+    from culturalign.backends import LoglikelihoodRequest
+
+    with pytest.raises(ValueError, match="nothing to be predicted from"):
+        tiny_lm.loglikelihood([LoglikelihoodRequest([], [5, 6])])
+    with pytest.raises(ValueError, match="no room"):
+        tiny_lm.loglikelihood([LoglikelihoodRequest([2], [5], torch.zeros(8, 32))], max_length=8)
+    assert tiny_lm.loglikelihood([LoglikelihoodRequest([2], [])])[0].shape == (0,)
+    soft = (torch.randn(2, 32) * 0.1).requires_grad_(True)
+    tiny_lm.loglikelihood([LoglikelihoodRequest([], [5, 6, 7], soft)])[0].sum().backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
+def test_perplexity_with_and_without_a_soft_prompt(tiny_lm):
+    from culturalign.heldout.perplexity import load_text, perplexity, start_token
+
+    text, source = load_text()
+    assert source.endswith("neutral.txt") and 250 <= len(text.split()) <= 450
+    soft = torch.randn(4, 32, generator=torch.Generator().manual_seed(7)) * 0.3
+    ids = _ids(tiny_lm, text)
+    res = perplexity(tiny_lm, text, [None, soft])
+    with torch.no_grad():
+        for r, s in zip(res, [None, soft]):
+            ref = reference_logprobs(tiny_lm, [start_token(tiny_lm.tokenizer)], ids, s)
+            assert r["tokens"] == len(ids)
+            assert r["perplexity"] == pytest.approx(math.exp(-ref.double().mean().item()), rel=1e-5)
+    assert res[0]["perplexity"] != pytest.approx(res[1]["perplexity"], rel=1e-3)
+
+
+def test_perplexity_text_errors(tmp_path):
+    from culturalign.heldout.perplexity import load_text, start_token
+
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(CulturalignError, match="empty.txt.*empty"):
+        load_text(tmp_path / "empty.txt")
+    with pytest.raises(CulturalignError, match="missing.txt"):
+        load_text(tmp_path / "missing.txt")
+
+    class NoSpecials:
+        bos_token_id = eos_token_id = None
+
+    with pytest.raises(CulturalignError, match="neither a BOS nor an EOS"):
+        start_token(NoSpecials())
