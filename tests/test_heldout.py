@@ -226,3 +226,242 @@ def test_perplexity_text_errors(tmp_path):
 
     with pytest.raises(CulturalignError, match="neither a BOS nor an EOS"):
         start_token(NoSpecials())
+
+
+# ---- the MCQ check: files ---------------------------------------------------------------------------------------
+
+HEADER = "id,country,question,option_a,option_b,option_c,option_d,answer\n"
+
+
+def mcq_text(*rows, header=HEADER):
+    return header + "".join(r + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "empty file"),
+    ("\n \n", "empty file"),
+    (HEADER, "no questions"),
+    (mcq_text("q1,China,Q?,a,b,c,d,A", header="id,country,question,option_a,option_b,option_c,option_d\n"),
+     "missing column(s) answer"),
+    (mcq_text("q1,Q?,a,b,A", header="id,question,option_a,option_b,answer\n"), "missing column(s) country"),
+    (mcq_text("q1,China,Q?,a,b,A", header="id,country,question,option_a,option_c,answer\n"), "missing column option_b"),
+    (mcq_text("q1,China,Q?,a,A", header="id,country,question,option_a,answer\n"), "fewer than two option columns"),
+    (mcq_text("q1,China,Q?,a,b,x,A", header="id,country,question,option_a,option_b,notes,answer\n"), "unknown column(s) 'notes'"),
+    (mcq_text("q1,China,Q?,a,b,A", header="id,country,question,option_a,option_b,option_b,answer\n"), "more than once"),
+    (mcq_text("q1,China,Q?,a,b,c,d,E"), "row 1 (line 2), column 'answer': answer 'E' is not among the options"),
+    (mcq_text("q1,China,Q?,a,b,c,,D"), "column 'answer': answer 'D' is not among the options; expected one letter of A, B, C"),
+    (mcq_text("q1,China,Q?,a,b,c,d,1"), "answer '1' is not among the options"),
+    (mcq_text("q1,China,Q?,a,b,c,d,AB"), "answer 'AB'"),
+    (mcq_text("q1,China,Q?,a,b,c,d,A", "q2,India,R?,a,b,c,d,B", "q1,Japan,S?,a,b,c,d,C"),
+     "row 3 (line 4), column 'id': duplicated id 'q1' (first used in row 1)"),
+    (mcq_text("q1,China,Q?,a,,,,A"), "column 'option_b': fewer than two options (1)"),
+    (mcq_text("q1,China,Q?,a,,c,d,A"), "column 'option_b': empty option between filled ones"),
+    (mcq_text("q1,China,Q?,a,A,c,d,A"), "options must be distinct"),
+    (mcq_text(",China,Q?,a,b,c,d,A"), "column 'id': empty"),
+    (mcq_text("q1,,Q?,a,b,c,d,A"), "column 'country': empty"),
+    (mcq_text("q1,China,,a,b,c,d,A"), "column 'question': empty"),
+    (mcq_text("q1,China,Q?,a,b,c,A"), "row 1 (line 2): 7 cell(s) but the header has 8"),
+    # CulturalBench-Easy column names
+    (mcq_text("1,Q?,a,b,c,d,E,China", header="question_idx,prompt_question,prompt_option_a,prompt_option_b,"
+                                             "prompt_option_c,prompt_option_d,answer,country\n"), "answer 'E'"),
+    (mcq_text("1,Q?,a,b,c,d,China", header="question_idx,prompt_question,prompt_option_a,prompt_option_b,"
+                                           "prompt_option_c,prompt_option_d,country\n"), "missing column(s) answer (culturalbench-easy"),
+    # CulturalBench-Hard column names
+    (mcq_text("0,1,Q?,a,maybe,China", header="data_idx,question_idx,prompt_question,prompt_option,answer,country\n"),
+     "column 'answer': expected true or false"),
+    (mcq_text("0,1,Q?,a,true", header="data_idx,question_idx,prompt_question,prompt_option,answer\n"),
+     "missing column(s) country"),
+    (mcq_text("0,1,Q?,a,true,China", header="data_idx,question_idx,prompt_question,prompt_option,answer,country\n"),
+     "fewer than two options"),
+    (mcq_text("0,1,Q?,a,true,China", "1,1,Q?,b,true,China",
+              header="data_idx,question_idx,prompt_question,prompt_option,answer,country\n"), "no question has exactly one true"),
+    (mcq_text("0,1,Q?,a,true,China", "1,1,Other?,b,false,China",
+              header="data_idx,question_idx,prompt_question,prompt_option,answer,country\n"), "another question"),
+])
+def test_mcq_file_errors_name_file_row_and_column(text, needle, tmp_path):
+    from culturalign.heldout.mcq import load_mcq
+
+    f = tmp_path / "my-questions.csv"
+    f.write_text(text, encoding="utf-8")
+    with pytest.raises(CulturalignError) as e:
+        load_mcq(f)
+    msg = str(e.value)
+    assert "my-questions.csv" in msg and needle in msg and "\n" not in msg, msg
+
+
+def test_mcq_file_formats(tmp_path):
+    from culturalign.heldout.mcq import load_mcq, parse_mcq
+
+    ours = parse_mcq(mcq_text("q1, China ,Q?,a,b,,,b", "q2,India,R?,x,y,z,w,D"))
+    assert ours.format == "culturalign" and [q.answer for q in ours.questions] == [1, 3]
+    assert ours.questions[0].options == ("a", "b") and ours.questions[0].country == "China" and ours.max_options == 4
+    easy = parse_mcq("data_idx,question_idx,prompt_question,prompt_option_a,prompt_option_b,prompt_option_c,"
+                     "prompt_option_d,answer,country\n0,7,Q?,a,b,c,d,C,Peru\n")
+    assert easy.format == "culturalbench-easy" and easy.questions[0].id == "7" and easy.questions[0].answer_letter == "C"
+    hard = parse_mcq("data_idx,question_idx,prompt_question,prompt_option,answer,country\n"
+                     "0,1,Q?,a,False,Peru\n1,1,Q?,b,True,Peru\n2,1,Q?,c,False,Peru\n3,1,Q?,d,False,Peru\n"
+                     "4,2,R?,x,True,Chile\n5,2,R?,y,True,Chile\n6,2,R?,z,False,Chile\n")
+    assert hard.format == "culturalbench-hard" and len(hard) == 1 and hard.skipped == ["2"]
+    assert hard.questions[0].options == ("a", "b", "c", "d") and hard.questions[0].answer_letter == "B"
+    (tmp_path / "bom.csv").write_bytes("\ufeff".encode() + mcq_text("q1,China,Q?,a,b,c,d,a").encode())
+    assert load_mcq(tmp_path / "bom.csv").questions[0].answer == 0
+
+
+def test_shipped_mcq_set():
+    from collections import Counter
+
+    from culturalign.heldout.mcq import load_mcq
+
+    qs = load_mcq()
+    assert len(qs) >= 40 and qs.format == "culturalign" and not qs.skipped
+    per = Counter(q.country for q in qs.questions)
+    assert all(per[c] >= 5 for c in ("Saudi Arabia", "United States", "China", "India"))
+    assert len(set(per) - {"Saudi Arabia", "United States", "China", "India"}) >= 4
+    letters = Counter(q.answer_letter for q in qs.questions)
+    assert max(letters.values()) / len(qs) < 0.3  # no letter gives a big prior
+    assert all(q.topic for q in qs.questions)
+
+
+# ---- the MCQ check: scoring -------------------------------------------------------------------------------------
+
+def test_mcq_accuracy_on_a_model_that_always_says_b(tiny_tokenizer):
+    from culturalign.heldout.mcq import load_mcq, parse_mcq, run_mcq
+
+    says_b = bigram_backend(tiny_tokenizer, "B", after=":", name="says-B")  # the MCQ prompt ends in "Answer:"
+    qs = parse_mcq(mcq_text("q1,China,Q?,a,b,c,d,B", "q2,China,Q?,a,b,c,d,A", "q3,India,Q?,a,b,,,B",
+                            "q4,India,Q?,a,b,c,,C", "q5,Peru,Q?,a,b,c,d,B"))
+    res = run_mcq(says_b, qs)
+    w = res["without"]
+    assert res["with"] is None and res["questions"] == 5
+    assert w["accuracy"] == pytest.approx(3 / 5) and w["correct"] == 3
+    assert w["by_country"]["China"] == {"n": 2, "accuracy": 0.5, "mean_p_correct": pytest.approx(0.5, abs=1e-6)}
+    assert w["by_country"]["India"]["accuracy"] == 0.5 and w["by_country"]["Peru"]["accuracy"] == 1.0
+    assert w["prior_letter"] == "B" and w["prior_accuracy"] == pytest.approx(3 / 5)
+    assert w["mean_option_mass"] == pytest.approx(0.75, abs=1e-5)
+    assert res["chance"] == pytest.approx(np.mean([1 / 4, 1 / 4, 1 / 2, 1 / 3, 1 / 4]))
+    assert [it["without"]["predicted"] for it in res["items"]] == ["B"] * 5
+    shipped = run_mcq(says_b, load_mcq())
+    n_b = sum(q.answer_letter == "B" for q in load_mcq().questions)
+    assert shipped["without"]["correct"] == n_b  # always "B": exactly the questions whose answer is B
+
+
+def test_mcq_batching_and_rows_match_a_plain_reference(tiny_lm):
+    from culturalign.backends.hf import plain_option_distributions
+    from culturalign.heldout.mcq import ask, encode_questions, load_mcq, run_mcq
+    from culturalign.targets import load_target
+
+    qs = load_mcq()
+    qs.questions = qs.questions[:4] + [q for q in qs.questions if q.country == "China" or len(q.options) == 3]
+    soft = torch.randn(3, 32, generator=torch.Generator().manual_seed(11)) * 0.3
+    both = ask(tiny_lm, qs, [None, soft], batch_size=5)
+    alone = ask(tiny_lm, qs, [soft], batch_size=64)
+    assert np.allclose(both[1].probs, alone[0].probs, atol=1e-5) and np.allclose(both[1].mass, alone[0].mass, atol=1e-5)
+    seqs, option_ids = encode_questions(tiny_lm.tokenizer, qs.questions, "ABCD")
+    with torch.no_grad():
+        ref = plain_option_distributions(tiny_lm, seqs, option_ids, [None, soft])
+    for row in range(2):
+        for i, q in enumerate(qs.questions):
+            k = len(q.options)
+            p = ref.probs[row, i, :k].double().numpy()
+            assert np.allclose(both[row].probs[i, :k], p / p.sum(), atol=1e-5)
+            assert np.allclose(both[row].probs[i, k:], 0.0)
+            assert both[row].mass[i] == pytest.approx(float(ref.mass[row, i]) * p.sum(), abs=1e-5)
+    res = run_mcq(tiny_lm, qs, soft, load_target("CN"))
+    tc = res["target_country"]
+    assert tc["countries"] == ["China"] and tc["n"] == sum(q.country == "China" for q in qs.questions)
+    assert tc["without"]["accuracy"] == res["without"]["by_country"]["China"]["accuracy"]
+    assert tc["with"]["accuracy"] == res["with"]["by_country"]["China"]["accuracy"]
+
+
+# ---- run_heldout ------------------------------------------------------------------------------------------------
+
+def test_kept_share_and_its_edge_cases():
+    from culturalign.heldout import kept_share
+
+    assert kept_share(100.0, 60.0) == (0.6, None)
+    assert kept_share(100.0, -20.0) == (-0.2, None)  # the prompt makes the variant worse
+    assert kept_share(50.0, 75.0) == (1.5, None)
+    for g in (0.0, -3.0):
+        kept, note = kept_share(g, 10.0)
+        assert kept is None and "did not lower the L1" in note
+    assert kept_share(None, None) == (None, "no soft prompt")
+
+
+@pytest.fixture(scope="module")
+def heldout_result(tiny_lm):
+    from culturalign.heldout import run_heldout
+    from culturalign.softprompt import SoftPrompt
+    from culturalign.targets import load_target
+
+    sp = SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(2)) * 0.5, {"prompt": "naive"})
+    stages = []
+    res = run_heldout(tiny_lm, sp, load_target("CN"), progress=lambda stage, done, total: stages.append((stage, done, total)))
+    return res, stages, sp
+
+
+def test_run_heldout_result(heldout_result, tiny_lm):
+    from culturalign.files import dumps
+    from culturalign.heldout.mcq import load_mcq
+    from culturalign.targets import load_target
+
+    res, stages, sp = heldout_result
+    json.loads(dumps(res))  # JSON-safe and finite
+    assert res["schema"] == "culturalign.heldout/1" and res["model"] == "tiny" and res["prompt"] == "naive"
+    assert res["target"]["name"] == "China" and res["soft_prompt"] == {"path": None, "n_tokens": 4}
+    base = res["survey"]["original"]
+    assert base["instrument"] == "vsm2013"
+    assert [v["instrument"] for v in res["survey"]["variants"]] == ["vsm2013-para-a", "vsm2013-para-b", "vsm2013-reversed"]
+    assert [v["kind"] for v in res["survey"]["variants"]] == ["paraphrase", "paraphrase", "reversed options"]
+    # "without" is the plain survey; "with" the same survey with the soft prompt
+    for v in [base, *res["survey"]["variants"]]:
+        s = Survey(tiny_lm, load_instrument(v["instrument"]), "naive", load_target("CN"))
+        assert v["without"]["l1"] == pytest.approx(s.result().l1, abs=1e-9)
+        assert v["with"]["l1"] == pytest.approx(s.result(sp.embeddings).l1, abs=1e-9)
+        assert v["gain"] == pytest.approx(v["without"]["l1"] - v["with"]["l1"])
+    for v in res["survey"]["variants"]:
+        if base["gain"] > 0:
+            assert v["kept"] == pytest.approx(v["gain"] / base["gain"]) and v["kept_note"] is None
+        else:
+            assert v["kept"] is None and "did not lower" in v["kept_note"]
+    assert res["mcq"]["questions"] == len(load_mcq()) and "items" not in res["mcq"]
+    assert res["mcq"]["with"] is not None and res["mcq"]["target_country"]["countries"] == ["China"]
+    p = res["perplexity"]
+    assert p["ratio"] == pytest.approx(p["with"] / p["without"]) and p["with"] == pytest.approx(math.exp(p["nll_with"]))
+    assert {s for s, *_ in stages} == {"vsm2013", "vsm2013-para-a", "vsm2013-para-b", "vsm2013-reversed", "mcq", "perplexity"}
+    assert ("vsm2013", 48, 48) in stages and ("mcq", len(load_mcq()), len(load_mcq())) in stages
+
+
+def test_heldout_markdown(heldout_result):
+    from culturalign.heldout import heldout_markdown
+
+    res = heldout_result[0]
+    md = heldout_markdown(res)
+    lines = md.splitlines()
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0] == "| check | without | with soft prompt | change | gain kept |"
+    assert len(table) == 1 + 4 + 5  # header, 4 L1 rows, MCQ (all, China, P(correct), prior), perplexity
+    l1 = res["survey"]["original"]["without"]["l1"]
+    assert f"| L1 vsm2013 (aligned on) | {l1:.1f} |" in md
+    para_a = res["survey"]["variants"][0]
+    kept = f"{para_a['kept']:.2f}" if para_a["kept"] is not None else "n/a"
+    assert table[2].startswith("| L1 vsm2013-para-a (paraphrase) |") and table[2].endswith(f"| {kept} |")
+    assert f"x{res['perplexity']['ratio']:.2f}" in md and "a soft prompt of 4 tokens" in lines[0]
+
+
+def test_run_heldout_without_a_soft_prompt_and_bad_inputs(tiny_lm, tmp_path):
+    from culturalign.heldout import heldout_markdown, run_heldout
+    from culturalign.softprompt import SoftPrompt
+    from culturalign.targets import load_target
+
+    res = run_heldout(tiny_lm, None, load_target("US"))
+    assert res["soft_prompt"] is None and res["survey"]["original"]["with"] is None
+    assert all(v["kept"] is None and v["kept_note"] == "no soft prompt" for v in res["survey"]["variants"])
+    assert res["mcq"]["with"] is None and res["perplexity"]["ratio"] is None
+    assert "no soft prompt" in heldout_markdown(res)
+    with pytest.raises(CulturalignError, match="need a target"):
+        run_heldout(tiny_lm, None, None)
+    with pytest.raises(CulturalignError, match="another model"):
+        run_heldout(tiny_lm, SoftPrompt(torch.zeros(2, 64)), load_target("US"))
+    (tmp_path / "q.csv").write_text(mcq_text("q1,China,Q?,a,b,c,d,E"))
+    with pytest.raises(CulturalignError, match="q.csv"):
+        run_heldout(tiny_lm, None, load_target("US"), mcq_file=tmp_path / "q.csv")
