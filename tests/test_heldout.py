@@ -465,3 +465,62 @@ def test_run_heldout_without_a_soft_prompt_and_bad_inputs(tiny_lm, tmp_path):
     (tmp_path / "q.csv").write_text(mcq_text("q1,China,Q?,a,b,c,d,E"))
     with pytest.raises(CulturalignError, match="q.csv"):
         run_heldout(tiny_lm, None, load_target("US"), mcq_file=tmp_path / "q.csv")
+
+
+# ---- the commands ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_prompt(tmp_path, tiny_lm):
+    from culturalign.softprompt import SoftPrompt
+    from culturalign.targets import load_target
+
+    folder = tmp_path / "sp"
+    emb = torch.randn(3, 32, generator=torch.Generator().manual_seed(4)) * 0.4
+    SoftPrompt(emb, {"prompt": "naive", "instrument": "vsm2013", "target": load_target("CN").to_json()}).save(folder, "tiny")
+    return folder
+
+
+def run_cli(argv, capsys):
+    from culturalign.cli import run
+
+    capsys.readouterr()
+    code = run([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_mcq_command(tiny_dir, saved_prompt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, stdout, stderr = run_cli(["mcq", "--model", tiny_dir, "--json", tmp_path / "m.json"], capsys)
+    assert code == 0, stderr
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["questions"] == 59 and data["with"] is None and data["soft_prompt"] is None and len(data["items"]) == 59
+    assert "MCQ check" in stdout and "Saudi Arabia" in stdout and "answer prior" in stdout
+    f = tmp_path / "q.csv"
+    f.write_text(mcq_text("q1,China,Q?,a,b,c,d,B", "q2,Peru,R?,a,b,,,A"))
+    code, stdout, stderr = run_cli(["mcq", "--file", f, "--soft-prompt", saved_prompt, "--model", tiny_dir, "--json", "-"],
+                                   capsys)
+    assert code == 0, stderr
+    data = json.loads(stdout)  # standard output holds the JSON alone
+    assert data["questions"] == 2 and data["with"] is not None and data["soft_prompt"]["path"] == str(saved_prompt)
+    assert data["target_country"]["countries"] == ["China"] and "accuracy with" in stderr
+
+
+def test_heldout_command(tiny_dir, saved_prompt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, stdout, stderr = run_cli(["heldout", "--soft-prompt", saved_prompt, "--model", tiny_dir,
+                                    "--json", tmp_path / "h.json"], capsys)
+    assert code == 0, stderr
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert data["target"]["name"] == "China"  # from the soft prompt's culturalign.json
+    assert data["soft_prompt"]["path"] == str(saved_prompt) and data["soft_prompt"]["n_tokens"] == 3
+    for label in ("L1 vsm2013 (aligned on)", "vsm2013-para-a (paraphrase)", "vsm2013-reversed (reversed options)",
+                  "MCQ accuracy", "perplexity, neutral text", "held-out checks took"):
+        assert label in stdout, label
+    code, _, stderr = run_cli(["heldout", "--soft-prompt", saved_prompt, "--model", tiny_dir, "--country", "US",
+                               "--json", tmp_path / "us.json"], capsys)
+    assert code == 0, stderr
+    us = json.loads((tmp_path / "us.json").read_text())
+    assert us["target"]["name"] == "United States"
+    assert us["survey"]["original"]["with"]["indices"] == data["survey"]["original"]["with"]["indices"]
+    assert us["survey"]["original"]["with"]["l1"] != data["survey"]["original"]["with"]["l1"]
