@@ -66,6 +66,22 @@ def test_reversed_instrument_presents_the_options_backwards(vsm):
         load_instrument("nope-reversed")
 
 
+def test_any_instrument_file_can_be_reversed(tmp_path):
+    f = tmp_path / "three.json"
+    f.write_text(json.dumps({
+        "schema": "culturalign.instrument/1", "id": "three", "name": "three", "answer_codes": [1, 2, 3],
+        "scales": {"s": ["yes", "maybe", "no"]},
+        "items": [{"id": 1, "text": "t", "scale": "s"}, {"id": 2, "text": "u", "scale": "s"}],
+        "indices": {"A": {"terms": [{"weight": 10, "plus": 1, "minus": 2}]}}}))
+    rev = load_instrument(f"{f}-reversed")
+    assert rev.id == "three-reversed" and rev.source == f"{f}-reversed"
+    assert rev.items[0].presented_options == ("no", "maybe", "yes")
+    again = load_instrument(rev.source)  # e.g. on resume
+    assert again.id == rev.id and [it.order for it in again.items] == [it.order for it in rev.items]
+    assert "1. no\n2. maybe\n3. yes" in user_text(rev.items[0], rev.codes)
+    assert rev.to_code_order(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])).tolist() == [[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]
+
+
 def test_item_order_must_be_a_permutation():
     with pytest.raises(ValueError, match="permutation"):
         Item(1, "t", ("a", "b", "c"), order=(0, 0, 1))

@@ -236,11 +236,13 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
 def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
     """A built-in instrument by id (`vsm2013`, or the held-out paraphrases `vsm2013-para-a`/`-b`) or a user's JSON file of the same schema.
 
-    A built-in id with the suffix `-reversed` (`vsm2013-reversed`, `vsm2013-para-a-reversed`) is that
-    instrument with its options presented in reverse order (`Instrument.reversed`).
+    A built-in id or a file path with the suffix `-reversed` (`vsm2013-reversed`, `mine.json-reversed`)
+    is that instrument with its options presented in reverse order (`Instrument.reversed`); its `source`
+    keeps the suffix, so it loads again the same way.
     """
-    if name_or_path.endswith(REVERSED) and name_or_path[: -len(REVERSED)] in BUILTIN:
-        return load_instrument(name_or_path[: -len(REVERSED)]).reversed()
+    base = name_or_path[: -len(REVERSED)]
+    if name_or_path.endswith(REVERSED) and (base in BUILTIN or (Path(base).is_file() and not Path(name_or_path).exists())):
+        return load_instrument(base).reversed()
     if name_or_path in BUILTIN:
         text = resources.files("culturalign.data.instruments").joinpath(f"{name_or_path}.json").read_text("utf-8")
         inst = parse_instrument(json.loads(text), name_or_path)
