@@ -711,6 +711,159 @@ def experiment(
     console.print(f"{result.ran} cell(s) run, {len(states) - result.ran} already finished; cells.csv, curves.csv, report.md, "
                   f"plots -> {escape(str(out_dir))}", highlight=False, soft_wrap=True)
 
+
+# ---- held-out checks -----------------------------------------------------------------------------------
+
+def _soft_prompt_target(sp, ctx, country, targets, target_file):
+    """--country/--target-file when given, else the target saved in the soft prompt's culturalign.json."""
+    from culturalign.targets import Target
+
+    if country is not None or target_file is not None:
+        return _target(ctx, country, targets, target_file)
+    if _given(ctx, "targets"):
+        raise CulturalignError(f"--targets {targets!r} applies to --country; give --country too, or leave --targets out "
+                               "to use the soft prompt's saved target")
+    saved = sp.meta.get("target")
+    if saved is None:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r} names no target in culturalign.json; give --country "
+                               "or --target-file")
+    try:
+        t = Target.from_json(saved)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CulturalignError(f"soft prompt {sp.source['path']!r}: the target in culturalign.json is not understood; "
+                               "give --country or --target-file") from None
+    if not t.scores:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r}: the target in culturalign.json has no scores")
+    return t
+
+
+@app.command(cls=Command)
+def mcq(
+    file: Optional[Path] = typer.Option(None, "--file", metavar="FILE", help="Questions, CSV: id,country,question,option_a,option_b,...,answer (the letter); or a CulturalBench-Easy/-Hard file. Default: the shipped set."),
+    soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", metavar="DIR", help="A saved soft prompt folder: accuracy is measured without and with it."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the results, with each question's prediction, as JSON (- = standard output)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Multiple-choice cultural knowledge check: accuracy overall and per country, without and with a soft prompt.
+
+    Example: culturalign mcq --soft-prompt src/culturalign/data/experts/smollm2-135m/CN
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.heldout.mcq import load_mcq, run_mcq
+    from culturalign.heldout.tables import mcq_notes, mcq_table
+    from culturalign.softprompt import SoftPrompt
+
+    qs = load_mcq(file)
+    sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None
+    target = None
+    if sp is not None and sp.meta.get("target") is not None:
+        from culturalign.targets import Target
+
+        try:
+            target = Target.from_json(sp.meta["target"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            target = None  # only used to name the target's own questions
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    lm = _load(model, device)
+    if sp is not None:
+        sp.check_width(lm.hidden_size)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
+                   TimeElapsedColumn(), console=console, transient=True)
+    with bar:
+        task = bar.add_task("mcq", total=len(qs))
+        res = run_mcq(lm, qs, None if sp is None else sp.embeddings, target,
+                      progress=lambda n: bar.update(task, completed=n))
+    res = {"model": lm.name, "soft_prompt": None if sp is None else sp.source, **res}
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, res)
+        if not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    shown = console if to_stdout else out
+    shown.print(mcq_table(res))
+    for line in mcq_notes(res):
+        shown.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command(cls=Command)
+def heldout(
+    ctx: typer.Context,
+    soft_prompt: Path = typer.Option(..., "--soft-prompt", metavar="DIR", help="The aligned soft prompt folder to check."),
+    country: Optional[str] = typer.Option(None, "--country", "-c", metavar="COUNTRY", help=COUNTRY_HELP + " Default: the target saved with the soft prompt."),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
+    target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
+    mcq_file: Optional[Path] = typer.Option(None, "--mcq-file", metavar="FILE", help="Questions for the MCQ check (see `culturalign mcq --help`). Default: the shipped set."),
+    text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="Text for the perplexity check (UTF-8). Default: the shipped neutral text."),
+    constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50. Default 0 for all."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write every check's numbers as JSON (- = standard output)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Held-out checks of a soft prompt, each without and with it: L1 on paraphrased items and on reversed
+    options (and the share of the L1 gain kept), MCQ cultural knowledge, and perplexity of a neutral text.
+
+    Example: culturalign heldout --soft-prompt src/culturalign/data/experts/smollm2-135m/CN
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.heldout import run_heldout
+    from culturalign.heldout.mcq import load_mcq
+    from culturalign.heldout.perplexity import load_text
+    from culturalign.heldout.tables import heldout_table
+    from culturalign.instrument import load_instrument
+    from culturalign.prompts import PROFILES
+    from culturalign.softprompt import SoftPrompt
+
+    sp = SoftPrompt.load(soft_prompt)
+    target = _soft_prompt_target(sp, ctx, country, targets, target_file)
+    profile = sp.meta.get("prompt", "naive")
+    if profile not in PROFILES:
+        raise CulturalignError(f"soft prompt {str(soft_prompt)!r}: culturalign.json names prompt {profile!r}; expected one "
+                               f"of {', '.join(PROFILES)}")
+    instrument = sp.meta.get("instrument", "vsm2013")
+    inst = load_instrument(instrument)
+    constants = inst.constants(_parse_constants(constant))
+    load_mcq(mcq_file)  # bad inputs fail before the model loads
+    load_text(text)
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    lm = _load(model, device)
+    sp.check_width(lm.hidden_size)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    stages: dict = {}
+
+    def update(stage, done, total):
+        if stage not in stages:
+            stages[stage] = bar.add_task(stage, total=total)
+        bar.update(stages[stage], completed=done, total=total)
+
+    t0 = time.perf_counter()
+    with bar:
+        result = run_heldout(lm, sp, target, prompt=profile, constants=constants, mcq_file=mcq_file, progress=update,
+                             instrument=instrument, text_file=text)
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, result)
+        if not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    shown = console if to_stdout else out
+    shown.print(heldout_table(result))
+    shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "
+                "the variant / the same on the original.", highlight=False, soft_wrap=True)
+    for v in result["survey"]["variants"]:
+        if v["kept"] is None and v["kept_note"]:
+            shown.print(f"gain kept on {v['instrument']}: {v['kept_note']}", highlight=False, soft_wrap=True, markup=False)
+    shown.print(f"held-out checks took {time.perf_counter() - t0:.1f} s", highlight=False)
+
+
 def _error_line(message: str) -> None:
     text = " ".join(str(message).split())  # one line, whatever the message held
     console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
