@@ -1,8 +1,10 @@
 """Alignment benchmark: naive vs icl vs aligned L1 for the paper's four countries.
 
-    python benchmarks/alignment.py [--optimizer de] [--budget N] [--out runs/bench] [--countries CN,US,IN,SA]
+    python benchmarks/alignment.py [--optimizer NAME] [--budget N] [--seed N] [--set FIELD=VALUE ...]
+                                   [--out runs/bench] [--countries CN,US,IN,SA]
 
-Runs `culturalign align` with the default settings (plus any options given here) for China, the
+Runs `culturalign align` with the default settings (plus any options given here; `--set` takes any
+AlignConfig field, e.g. `--set sigma=10 --set basis=gaussian`) for China, the
 United States and India (hofstede-2015) and Saudi Arabia (hofstede-2023: the 2015 release has only
 its LTO and IVR), one after another on the embedded model, and prints a Markdown table: L1 of the
 naive, icl and aligned profiles, the aligned/naive ratio, evaluations and wall time. Each run keeps
@@ -26,21 +28,31 @@ CASES = {"CN": "hofstede-2015", "US": "hofstede-2015", "IN": "hofstede-2015", "S
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--optimizer", default="de")
+    ap.add_argument("--optimizer", default=AlignConfig().optimizer)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any AlignConfig field")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--countries", default=",".join(CASES))
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in AlignConfig.__dataclass_fields__ or not value:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with a field of AlignConfig")
+        kind = type(getattr(AlignConfig(), key))
+        overrides[key] = kind(value) if kind in (int, float, str) else value
     _quiet_libraries()
     backend, inst = load_backend(args.model), load_instrument()
     rows = []
     for code in args.countries.split(","):
         target = load_target(code, CASES.get(code, "hofstede-2015"))
-        cfg = AlignConfig(optimizer=args.optimizer, seed=args.seed)
+        cfg = AlignConfig(optimizer=args.optimizer, seed=args.seed, **overrides)
         if args.budget:
             cfg.budget = args.budget
-        out = Path(args.out) / f"{code}-{args.optimizer}-s{args.seed}"
+        cfg.validate()
+        tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        out = Path(args.out) / f"{code}-{args.optimizer}{tag}-s{args.seed}"
         t0 = time.perf_counter()
         if (out / "result.json").exists() and not (out / "checkpoint.json").exists():
             result = json.loads((out / "result.json").read_text())

@@ -94,19 +94,17 @@ def tiny_dir(tiny_lm, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def bigram_lm(tiny_tokenizer):
+def bigram_backend(tok, answer: str = "3", after: str = "Ġ", name: str = "bigram"):
     """A model whose next token depends only on the current token (attention and MLP outputs are zero).
 
-    After the prompt's last token (the space after "Answer:") it says "3" with probability 3/4 and
-    "Answer" (unparsable) with 1/4; after "3" it says the end-of-sequence token. So in logprob mode every
-    item is answered 3 with option mass 0.75, and in sample mode about 3/4 of the answers parse as 3.
+    After the token `after` (by default the space after "Answer:", the survey prompt's last token) it says
+    the token `answer` with probability 3/4 and "Answer" (unparsable) with 1/4; after `answer` it says
+    the end-of-sequence token.
     """
     from transformers import LlamaForCausalLM
 
     from culturalign.backends import HFBackend
 
-    tok = tiny_tokenizer
     torch.manual_seed(1)
     model = LlamaForCausalLM(
         _config(tok, num_hidden_layers=1, tie_word_embeddings=False, initializer_range=0.02)
@@ -116,18 +114,25 @@ def bigram_lm(tiny_tokenizer):
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        space, three, other = (tok.convert_tokens_to_ids(t) for t in ("Ġ", "3", "Answer"))
+        space, said, other = (tok.convert_tokens_to_ids(t) for t in (after, answer, "Answer"))
         emb[:, :2] = 0.0
         emb[space] = 0.0
         emb[space, 0] = 1.0
-        emb[three] = 0.0
-        emb[three, 1] = 1.0
+        emb[said] = 0.0
+        emb[said, 1] = 1.0
         head.zero_()
         r = math.sqrt(32)  # RMS-normalised one-hot vector: sqrt(hidden) on that coordinate
-        head[three, 0] = 10.0
+        head[said, 0] = 10.0
         head[other, 0] = 10.0 - math.log(3) / r
         head[tok.eos_token_id, 1] = 10.0
-    return HFBackend(model, tok, name="bigram", device=torch.device("cpu"))
+    return HFBackend(model, tok, name=name, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def bigram_lm(tiny_tokenizer):
+    """`bigram_backend` answering "3": in logprob mode every item is answered 3 with option mass 0.75, and
+    in sample mode about 3/4 of the answers parse as 3."""
+    return bigram_backend(tiny_tokenizer, "3")
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,23 @@ def registry(w: Path, m: Path, name: str = "reg", hidden: int = HIDDEN, model: s
     return folder
 
 
+EXPERIMENT = ["experiment", "{W}/g.yaml", "--model", "{M}", "--out", "{W}/e"]
+GRID = "grid:\n  targets: [CN]\n  optimizers: [de]\n  budget: 12\nsettings: {tokens: 2, dim: 2, sigma: 2.0}\n"
+
+
+def started_experiment(w: Path, m: Path) -> None:
+    """An experiment folder whose first cell has a checkpoint, started from g.yaml with sigma 2; g.yaml now says 3."""
+    from culturalign.experiments import load_spec
+    from culturalign.experiments.runner import CELLS_DIR, SCHEMA, SPEC_FILE
+
+    (w / "g.yaml").write_text(GRID)
+    exp = load_spec(w / "g.yaml", model=str(m))
+    (w / "e" / CELLS_DIR).mkdir(parents=True)
+    (w / "e" / SPEC_FILE).write_text(json.dumps({"schema": SCHEMA, "spec": exp.normalised()}))
+    checkpoint(w / "e" / CELLS_DIR / exp.cells[0].name, valid_checkpoint(False))
+    (w / "g.yaml").write_text(GRID.replace("sigma: 2.0", "sigma: 3.0"))
+
+
 def csv_file(name: str, text: str | bytes):
     return lambda w, m: (w / name).write_bytes(text if isinstance(text, bytes) else text.encode())
 
@@ -286,6 +303,70 @@ CASES = [
     ("serve-batch-window-nan", ["serve", "--model", "{M}", "--batch-window-ms", "nan"], None, "--batch-window-ms"),
     ("serve-max-tokens-limit-zero", ["serve", "--model", "{M}", "--max-tokens-limit", "0"], None, "--max-tokens-limit"),
     ("serve-top-k-zero", ["serve", "--model", "{M}", "--experts", "{W}/reg", "--top-k", "0", "--port", "0"], registry, "top_k"),
+    # experiment: the file, the grid and the folder, all checked before the model loads
+    ("experiment-missing-file", ["experiment", "{W}/nope.yaml"], None, "nope.yaml"),
+    ("experiment-suffix", ["experiment", "{W}/g.json"], csv_file("g.json", "{}"), ".yaml, .yml or .toml"),
+    ("experiment-bad-yaml", EXPERIMENT, csv_file("g.yaml", "grid: [\n"), "not valid YAML"),
+    ("experiment-unknown-key", EXPERIMENT, csv_file("g.yaml", GRID + "colour: red\n"), "g.yaml: colour: unknown key"),
+    ("experiment-unknown-grid-key", EXPERIMENT, csv_file("g.yaml", GRID.replace("  budget", "  budgte")), "grid.budgte: unknown key"),
+    ("experiment-unknown-optimizer", EXPERIMENT, csv_file("g.yaml", GRID.replace("[de]", "[de, foo]")),
+     "grid.optimizers[1]: unknown optimizer 'foo'"),
+    ("experiment-unknown-country", EXPERIMENT, csv_file("g.yaml", GRID.replace("[CN]", "[CN, Atlantis]")),
+     "grid.targets[1].country: unknown country or region 'Atlantis'"),
+    ("experiment-empty-grid", EXPERIMENT, csv_file("g.yaml", GRID.replace("[CN]", "[]")), "grid.targets: empty"),
+    ("experiment-bad-setting", EXPERIMENT, csv_file("g.yaml", GRID.replace("sigma: 2.0", "sigma: .nan")), "settings.sigma"),
+    ("experiment-changed-file", EXPERIMENT, started_experiment, "(changed: settings.sigma)"),
+    ("experiment-out-not-empty", EXPERIMENT, lambda w, m: (csv_file("g.yaml", GRID)(w, m), (w / "e").mkdir(),
+                                                           (w / "e" / "x.txt").write_text("x")), "not empty"),
+    ("experiment-out-proc", ["experiment", "{W}/g.yaml", "--out", "/proc/e"], csv_file("g.yaml", GRID), "/proc"),
+    ("experiment-executor-unknown", [*EXPERIMENT, "--executor", "dask"], csv_file("g.yaml", GRID), "'dask'"),
+    # experiment: checked once the model is loaded, still before anything is written
+    ("experiment-dim-too-large", EXPERIMENT, csv_file("g.yaml", GRID.replace("dim: 2", "dim: 100000")), "--dim"),
+    # mcq: question files, checked before the model loads
+    ("mcq-file-missing", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"], None, "q.csv"),
+    ("mcq-file-dir", ["mcq", "--file", "{W}/qdir", "--model", "{M}"], lambda w, m: (w / "qdir").mkdir(), "is a folder"),
+    ("mcq-empty-file", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"], csv_file("q.csv", ""), "empty file"),
+    ("mcq-missing-columns", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"],
+     csv_file("q.csv", "id,question,option_a,option_b,answer\nq1,Q?,a,b,A\n"), "missing column(s) country"),
+    ("mcq-answer-not-an-option", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"],
+     csv_file("q.csv", "id,country,question,option_a,option_b,option_c,answer\nq1,China,Q?,a,b,,C\n"), "not among the options"),
+    ("mcq-duplicated-ids", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"],
+     csv_file("q.csv", "id,country,question,option_a,option_b,answer\nq1,China,Q?,a,b,A\nq1,India,R?,a,b,B\n"),
+     "duplicated id 'q1'"),
+    ("mcq-one-option", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"],
+     csv_file("q.csv", "id,country,question,option_a,option_b,answer\nq1,China,Q?,a,,A\n"), "fewer than two options"),
+    ("mcq-culturalbench-hard-bad-answer", ["mcq", "--file", "{W}/q.csv", "--model", "{M}"],
+     csv_file("q.csv", "data_idx,question_idx,prompt_question,prompt_option,answer,country\n0,1,Q?,a,maybe,Peru\n"), "true or false"),
+    ("mcq-soft-missing", ["mcq", "--soft-prompt", "{W}/sp", "--model", "{M}"], None, "does not exist"),
+    ("mcq-soft-other-model", ["mcq", "--soft-prompt", "{W}/sp", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, 64)), "another model"),
+    ("mcq-json-proc", ["mcq", "--json", "/proc/m.json", "--model", "{M}"], None, "/proc"),
+    # heldout: the soft prompt, its target and the check inputs, checked before the model loads
+    ("heldout-needs-soft-prompt", ["heldout", "--model", "{M}"], None, "--soft-prompt"),
+    ("heldout-soft-missing", ["heldout", "--soft-prompt", "{W}/sp", "--model", "{M}"], None, "does not exist"),
+    ("heldout-no-target", ["heldout", "--soft-prompt", "{W}/sp", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "names no target"),
+    ("heldout-bad-saved-target", ["heldout", "--soft-prompt", "{W}/sp", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "culturalign.json").write_text('{"target": [1]}')),
+     "not understood"),
+    ("heldout-bad-saved-prompt", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "culturalign.json").write_text('{"prompt": "bogus"}')),
+     "'bogus'"),
+    ("heldout-unknown-country", ["heldout", "--soft-prompt", "{W}/sp", "--country", "Atlantis", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "Atlantis"),
+    ("heldout-targets-without-country", ["heldout", "--soft-prompt", "{W}/sp", "--targets", "hofstede-2023", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "--targets"),
+    ("heldout-bad-mcq-file", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--mcq-file", "{W}/q.csv", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)),
+                   (w / "q.csv").write_text("id,country,question,option_a,option_b,answer\nq1,China,Q?,a,b,Z\n")), "'Z'"),
+    ("heldout-empty-text", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--text", "{W}/t.txt", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "t.txt").write_text(" \n")), "empty"),
+    ("heldout-constant-nan", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--constant", "PDI=nan", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "PDI=nan"),
+    ("heldout-json-proc", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--json", "/proc/h.json", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "/proc"),
+    ("heldout-soft-other-model", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, 64)), "another model"),
     # the embedded model's cache folder must be writable before the 35 s conversion starts
     ("survey-cache-unwritable", ["survey"], lambda w, m: None, "CULTURALIGN_CACHE"),
 ]

@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import OptimizeResult, differential_evolution, rosen
 
 from culturalign import CulturalignError
-from culturalign.optimizers import STRATEGIES, DEConfig, DifferentialEvolution, minimize_de
+from culturalign.search.de import STRATEGIES, DEConfig, DifferentialEvolution, minimize_de
 
 SHIFT = np.array([1.5, -2.0, 0.7, 2.5, -1.2, 0.3, -0.8, 1.9])
 

@@ -7,9 +7,11 @@ One run = one output folder:
     checkpoint.json    optimiser state after every generation (atomic); `resume=True` continues it, and a
                        finished run (its checkpoint says so) can be extended with a larger budget
 
-The objective is `Survey.loss`: the L1 distance of the six indices (on the target's known dimensions)
-plus an option-mass penalty. DE searches z in [-b, b]^d with prompt = p0 + A z (`Projection`); Adam
-descends the full prompt. Each candidate evaluation is one full survey; the budget counts them.
+The objective (`objective.SurveyObjective`) is `Survey.loss`: the L1 distance of the indices (on the
+target's known dimensions) plus an option-mass penalty. The black-box methods (de, cmaes, dfols,
+random) search z in [-b, b]^d with prompt = p0 + A z (`Projection`); `adam` descends the full prompt
+and `adam-subspace` descends z. Every method runs through `search.minimize`, the one loop. Each
+candidate evaluation is one full survey; the budget counts them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json
 from culturalign.instrument import Instrument
-from culturalign.optimizers import DEConfig, DifferentialEvolution
+from culturalign.objective import FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
+from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, LoopState, Optimizer, RandomSearch,
+                                minimize)
 from culturalign.softprompt import INITS, Projection, SoftPrompt, embedding_std, initial_prompt
 from culturalign.survey import Survey
 from culturalign.targets import Target
 
-OPTIMIZERS = ("de", "adam")
 CHECKPOINT = "checkpoint.json"
+POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 
 
 @dataclass
@@ -55,7 +59,9 @@ class AlignConfig:
     strategy: str = "best1bin"
     bound: float = 1.0
     sigma: float = 40.0  # std of A z per coordinate, in embedding stds (see README, measured choice)
-    lr: float = 0.02  # adam
+    lr: float = 0.02  # adam, adam-subspace
+    cma_sigma0: float = 0.3  # cmaes: initial step, as a fraction of the bound
+    dfols_rhobeg: float = 0.3  # dfols: initial trust-region radius, as a fraction of the bound
     mass_floor: float = 0.5
     mass_weight: float = 100.0
     constants: dict[str, float] = field(default_factory=dict)
@@ -74,6 +80,9 @@ class AlignConfig:
                 raise CulturalignError(f"{flag} must be between 0 and 2^32 - 1, got {value}")
         _finite("--sigma", self.sigma, low=0.0, low_open=True)
         _finite("--lr", self.lr, low=0.0, low_open=True)
+        _finite("--cma-sigma0", self.cma_sigma0, low=0.0, low_open=True)
+        _finite("--dfols-rhobeg", self.dfols_rhobeg, low=0.0, low_open=True, high=2.0)
+        _finite("--bound", self.bound, low=0.0, low_open=True)
         _finite("--mass-floor", self.mass_floor, low=0.0, high=1.0)
         _finite("--mass-weight", self.mass_weight, low=0.0)
         if self.optimizer == "de":
@@ -83,12 +92,44 @@ class AlignConfig:
                     f"--budget {self.budget} is too small for a population of {self.popsize}: "
                     f"need at least {2 * self.popsize} evaluations (initial population + one generation)"
                 )
+        elif self.optimizer in POPULATION:
+            if self.popsize < 2:
+                raise CulturalignError(f"--popsize must be at least 2 for {self.optimizer}, got {self.popsize}")
+            if self.budget < self.popsize:
+                raise CulturalignError(f"--budget {self.budget} is smaller than one batch of --popsize {self.popsize}")
+        elif self.optimizer == "dfols" and self.budget < self.dim + 2:
+            raise CulturalignError(
+                f"--budget {self.budget} is too small for dfols in {self.dim} dimensions: it needs {self.dim + 1} "
+                f"evaluations for its first model and one step, at least {self.dim + 2}"
+            )
         if self.init_text is not None and not self.init_text.strip():
             raise CulturalignError("--init-text is empty; give a sentence, or leave it out for the persona sentence")
         return self
 
     def de_config(self) -> DEConfig:
         return DEConfig(self.popsize, self.mutation, self.crossover, self.strategy, self.bound).validate()
+
+    @property
+    def batch_size(self) -> int:
+        """Evaluations per batch: the budget is spent in whole batches."""
+        return self.popsize if self.optimizer in POPULATION else 1
+
+    @property
+    def uses_projection(self) -> bool:
+        return self.optimizer != "adam"
+
+    def make_optimizer(self, dim: int, x0=None) -> Optimizer:
+        """The configured method over `dim` coordinates (`x0`: adam's start, the flattened initial prompt)."""
+        o = self.optimizer
+        if o == "de":
+            return DE(dim, self.seed, self.de_config())
+        if o == "cmaes":
+            return CMAES(dim, self.seed, self.popsize, self.bound, self.cma_sigma0)
+        if o == "dfols":
+            return DFOLS(dim, self.seed, self.bound, self.dfols_rhobeg)
+        if o == "random":
+            return RandomSearch(dim, self.seed, self.popsize, self.bound)
+        return Adam(dim, self.seed, self.lr, x0)
 
     @property
     def proj_seed(self) -> int:
@@ -182,7 +223,7 @@ class Aligner:
     def __init__(self, backend: Backend, instrument: Instrument, target: Target, config: AlignConfig, out: str | Path,
                  resume: bool = False, progress: Callable[[dict], None] | None = None):
         self.backend, self.instrument, self.target, self.cfg = backend, instrument, target, config.validate()
-        if config.optimizer == "de":
+        if config.uses_projection:
             Projection.check_dim(config.dim, config.tokens * backend.hidden_size)
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
         self.survey = Survey(backend, instrument, config.prompt, target, config.constants)
@@ -190,6 +231,7 @@ class Aligner:
         self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
         self.state = self._prepare_out()
         self.t_start = 0.0
+        self.message = ""
 
     # -- set-up -------------------------------------------------------------------------------
     @property
@@ -201,8 +243,7 @@ class Aligner:
         """A finished run asked to resume with a budget its last generation already used up."""
         if not self.state or not self.state.get("finished"):
             return False
-        step = self.cfg.popsize if self.cfg.optimizer == "de" else 1
-        return self.evaluations_done + step > self.cfg.budget
+        return self.evaluations_done + self.cfg.batch_size > self.cfg.budget
 
     def _prepare_out(self) -> dict | None:
         """Check --out before any work: a new or empty folder, or (with resume) a checkpoint of the same run."""
@@ -226,16 +267,11 @@ class Aligner:
         text = self.cfg.init_text or system_text("persona", self.target).split(". ")[0] + "."
         return initial_prompt(self.backend, self.cfg.tokens, self.cfg.init, text, self.cfg.seed)
 
-    def _evaluate(self, prompts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            d = self.survey.distributions(prompts)
-            loss = self.survey.loss(d, self.cfg.mass_floor, self.cfg.mass_weight)
-        return loss.double().cpu().numpy(), d.mass.double().mean(-1).cpu().numpy()
-
     def _seconds(self) -> float:
         return round(time.perf_counter() - self.t_start, 2)
 
-    def _checkpoint(self, optimizer_state: dict, history: list, finished: bool = False, seconds: float | None = None) -> None:
+    def _checkpoint(self, optimizer_state: dict, history: list, finished: bool = False, seconds: float | None = None,
+                    best: dict | None = None) -> None:
         from culturalign import __version__
 
         self.out.mkdir(parents=True, exist_ok=True)  # created with the first checkpoint, not before
@@ -243,80 +279,49 @@ class Aligner:
             "culturalign_version": __version__, "fingerprint": self.fingerprint, "budget": self.cfg.budget,
             "instrument_source": self.instrument.source or self.instrument.id,
             "finished": finished, "search_seconds": self._seconds() if seconds is None else seconds, "optimizer_state": optimizer_state,
-            "history": history,
+            "best": best, "history": history,
         })
 
-    # -- optimisers -----------------------------------------------------------------------------
-    def _run_de(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
+    # -- the search ---------------------------------------------------------------------------------
+    def _search(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, LoopState]:
+        """Run the configured optimizer through the one loop; returns the best prompt, the history, the loop state."""
         cfg = self.cfg
-        proj = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.backend), cfg.bound, cfg.sigma)
-        if state:
-            try:
-                de = DifferentialEvolution.from_state(state["optimizer_state"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CulturalignError(
-                    f"checkpoint {str(self.out / CHECKPOINT)!r} is damaged (optimizer state: {e!r}); delete it to start over"
-                ) from None
-            history = state["history"]
+        if cfg.uses_projection:
+            param = Projection(p0, cfg.dim, cfg.proj_seed, embedding_std(self.backend), cfg.bound, cfg.sigma)
+            x0 = None
         else:
-            de, history = DifferentialEvolution(proj.dim, cfg.de_config(), cfg.seed), []
-        while de.nfev + cfg.popsize <= cfg.budget:
-            z = de.ask()
-            loss, mass = self._evaluate(proj(z))
-            de.tell(loss)
-            history.append({"generation": de.generation, "evaluations": de.nfev, "best_loss": de.best[1],
-                            "mean_loss": float(np.mean(de.fitness)), "best_option_mass": float(mass[np.argmin(loss)]),
-                            "seconds": self._seconds()})
-            self._check_finite(history[-1])
-            self._checkpoint(de.state_dict(), history)
-            self.progress({**history[-1], "budget": cfg.budget})
-        return proj(de.best[0])[0], history, de.state_dict()
-
-    def _run_adam(self, state: dict | None, p0: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
-        cfg = self.cfg
-        prompt = p0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([prompt], lr=cfg.lr)
-        history, best, best_loss = [], p0.clone(), float("inf")
+            param = FullPrompt(p0)
+            x0 = param.x0()
+        objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight)
+        optimizer = cfg.make_optimizer(param.dim, x0)
+        loop_state = None
         if state:
             try:
-                s = state["optimizer_state"]
-                with torch.no_grad():
-                    prompt.copy_(torch.tensor(s["prompt"]))
-                best, best_loss, history = torch.tensor(s["best"]), float(s["best_loss"]), state["history"]
-                if s["adam"] is not None:
-                    st = s["adam"]
-                    opt.state[prompt] = {"step": torch.tensor(float(st["step"])), "exp_avg": torch.tensor(st["exp_avg"]),
-                                         "exp_avg_sq": torch.tensor(st["exp_avg_sq"])}
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                loop_state = LoopState(state["optimizer_state"], state.get("best"), state["history"])
+                optimizer.load_state_dict(loop_state.optimizer)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
                 raise CulturalignError(
                     f"checkpoint {str(self.out / CHECKPOINT)!r} is damaged (optimizer state: {e!r}); delete it to start over"
                 ) from None
-
-        def adam_state() -> dict:
-            st = opt.state.get(prompt)
-            return {"prompt": prompt.detach().tolist(), "best": best.tolist(), "best_loss": best_loss,
-                    "adam": None if not st else {"step": float(st["step"]), "exp_avg": st["exp_avg"].tolist(),
-                                                 "exp_avg_sq": st["exp_avg_sq"].tolist()}}
-
-        while len(history) < cfg.budget:
-            d = self.survey.distributions(prompt.unsqueeze(0))
-            loss = self.survey.loss(d, cfg.mass_floor, cfg.mass_weight)[0]
-            value = loss.detach().item()
-            if not math.isfinite(value):
+            if loop_state.best is None:
                 raise CulturalignError(
-                    f"adam step {len(history) + 1} gave a non-finite loss; lower --lr (now {cfg.lr:g})"
+                    f"checkpoint {str(self.out / CHECKPOINT)!r} has no best point (written by an older culturalign); "
+                    "delete it to start over"
                 )
-            if value < best_loss:  # the prompt that was just evaluated
-                best, best_loss = prompt.detach().clone(), value
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            history.append({"generation": len(history) + 1, "evaluations": len(history) + 1, "best_loss": best_loss,
-                            "mean_loss": value, "best_option_mass": float(d.mass.detach().mean()),
-                            "seconds": self._seconds()})
-            self._checkpoint(adam_state(), history)
-            self.progress({**history[-1], "budget": cfg.budget})
-        return best, history, adam_state()
+
+        def checkpoint(ls: LoopState) -> None:
+            self._check_finite(ls.history[-1])
+            self._checkpoint(ls.optimizer, ls.history, best=ls.best)
+
+        def progress(entry: dict) -> None:
+            self.progress({**entry, "budget": cfg.budget})
+
+        res = minimize(objective, optimizer, cfg.budget, state=loop_state, checkpoint=checkpoint, progress=progress,
+                       clock=self._seconds, restore=False)
+        if res.x is None:
+            raise CulturalignError(f"--budget {cfg.budget} is smaller than the first batch of {cfg.optimizer}")
+        self.message = res.message
+        return param(res.x)[0].detach(), res.history, res.state
 
     def _check_finite(self, entry: dict) -> None:
         if not math.isfinite(entry["best_loss"]):
@@ -334,8 +339,7 @@ class Aligner:
         self.t_start = time.perf_counter() - (float(state.get("search_seconds", 0.0)) if state else 0.0)
         torch.manual_seed(self.cfg.seed)
         p0 = self._p0()
-        run = self._run_de if self.cfg.optimizer == "de" else self._run_adam
-        best, history, final_state = run(state, p0)
+        best, history, final = self._search(state, p0)
         search_seconds = time.perf_counter() - self.t_start
         meta = {"prompt": self.cfg.prompt, "instrument": self.instrument.id, "model": self.backend.name,
                 "target": self.target.to_json(), "optimizer": self.cfg.optimizer, "best_loss": history[-1]["best_loss"]}
@@ -352,10 +356,12 @@ class Aligner:
             "history": history,
             "evaluations": history[-1]["evaluations"],
             "best_loss": history[-1]["best_loss"],
+            "best_l1": history[-1]["best_l1"],
+            "message": self.message,
             "search_seconds": round(search_seconds, 1),
         }
         atomic_write_json(self.out / "result.json", result)
         self.profiles = [naive, icl, aligned]
         write_report(self.out, result, self.profiles)
-        self._checkpoint(final_state, history, finished=True, seconds=round(search_seconds, 2))
+        self._checkpoint(final.optimizer, history, finished=True, seconds=round(search_seconds, 2), best=final.best)
         return result

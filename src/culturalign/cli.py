@@ -67,6 +67,19 @@ out = Console()
 MODEL_HELP = "smollm2-135m (embedded default), a local Hugging Face model directory, or a hub id."
 COUNTRY_HELP = "Target country or region: ISO code (CN, CHN), Hofstede code (CHI) or name (China)."
 TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --target-file)."
+OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de (Differential Evolution, the paper's "
+                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals), "
+                  "random (the floor). White-box references: adam (gradient descent on the full prompt), adam-subspace "
+                  "(gradients through the same projection the black-box methods search).")
+
+
+def _align_defaults():
+    from culturalign.alignment import AlignConfig
+
+    return AlignConfig()
+
+
+_D = _align_defaults()  # the CLI's defaults are AlignConfig's
 
 
 def _quiet_libraries() -> None:
@@ -242,7 +255,10 @@ def survey(
         shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
 
 
-ALIGN_EPILOG = "Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget to extend a finished run."
+ALIGN_EPILOG = ("Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget "
+                "to extend a finished run. Every optimizer resumes mid-run to the identical result: de, random and adam "
+                "from their saved state; cmaes (pycma) and dfols (DFO-LS), whose engines cannot export their state, by "
+                "replaying their logged evaluations into a fresh engine (no model calls).")
 
 
 @app.command(cls=Command, epilog=ALIGN_EPILOG)
@@ -252,23 +268,25 @@ def align(
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
     target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
-    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="de: Differential Evolution (black-box, the paper's method); adam: gradient descent on the full prompt (white-box comparison)."),
-    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey. DE spends whole generations of --popsize and needs at least 2 x popsize; adam: one per step."),
-    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
-    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension d, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for DE, initialisation and (unless --projection-seed) the projection A."),
+    optimizer: str = typer.Option(_D.optimizer, "--optimizer", metavar="NAME", help=OPTIMIZER_HELP),
+    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey, spent in whole batches: de, cmaes and random evaluate --popsize per batch (de needs at least 2 x popsize), dfols and adam one (dfols needs at least dim + 2)."),
+    tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
+    dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension d of the black-box methods and adam-subspace, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
+    seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of the search, the initialisation and (unless --projection-seed) the projection A."),
     projection_seed: Optional[int] = typer.Option(None, "--projection-seed", metavar="N", help="Seed of the random projection A (default: --seed)."),
-    init: str = typer.Option("text", "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
+    init: str = typer.Option(_D.init, "--init", metavar="HOW", help="Initial prompt: text (persona sentence embeddings), vocab (sampled token embeddings), random."),
     init_text: Optional[str] = typer.Option(None, "--init-text", metavar="TEXT", help="Text for --init text (default: 'You are a typical person from <country>.')."),
-    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size: at least 4 (best1bin), 4 (rand1bin, currenttobest1bin) or 6 (rand2bin)."),
-    mutation: str = typer.Option("0.5,1.0", "--mutation", metavar="F", help="DE F in (0, 2]: a number, or 'min,max' dithered per generation."),
-    crossover: float = typer.Option(0.9, "--crossover", metavar="CR", help="DE crossover probability CR in [0, 1]."),
-    strategy: str = typer.Option("best1bin", "--strategy", metavar="NAME", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
-    bound: float = typer.Option(1.0, "--bound", metavar="B", help="DE box: z in [-B, B]^d, B > 0."),
-    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="Size of the DE search around the initial prompt (> 0): std of A z per coordinate, in units of the embedding table's std."),
-    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate (> 0)."),
-    mass_floor: float = typer.Option(0.5, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
-    mass_weight: float = typer.Option(100.0, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
+    popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random: de needs at least 4 (best1bin, rand1bin, currenttobest1bin) or 6 (rand2bin); cmaes and random at least 2."),
+    mutation: str = typer.Option(",".join(str(x) for x in _D.mutation), "--mutation", metavar="F", help="DE F in (0, 2]: a number, or 'min,max' dithered per generation."),
+    crossover: float = typer.Option(_D.crossover, "--crossover", metavar="CR", help="DE crossover probability CR in [0, 1]."),
+    strategy: str = typer.Option(_D.strategy, "--strategy", metavar="NAME", help="DE strategy: best1bin, rand1bin, currenttobest1bin, rand2bin."),
+    bound: float = typer.Option(_D.bound, "--bound", metavar="B", help="Search box of the black-box methods: z in [-B, B]^d, B > 0."),
+    sigma: float = typer.Option(_D.sigma, "--sigma", metavar="S", help="Size of the search around the initial prompt (> 0): RMS of A z per coordinate for z spread over the box, in units of the embedding table's std."),
+    cma_sigma0: float = typer.Option(_D.cma_sigma0, "--cma-sigma0", metavar="S", help="cmaes: initial step size as a fraction of --bound (> 0)."),
+    dfols_rhobeg: float = typer.Option(_D.dfols_rhobeg, "--dfols-rhobeg", metavar="R", help="dfols: initial trust-region radius as a fraction of --bound, in (0, 2]."),
+    lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="adam / adam-subspace learning rate (> 0)."),
+    mass_floor: float = typer.Option(_D.mass_floor, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
+    mass_weight: float = typer.Option(_D.mass_weight, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
     instrument: str = typer.Option("vsm2013", "--instrument", metavar="ID|FILE", help="Built-in instrument id or a JSON file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder, new or empty (default runs/<country>-<optimizer>-s<seed>)."),
@@ -318,7 +336,8 @@ def align(
         cfg = AlignConfig(
             optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
             init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
-            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma, lr=lr, mass_floor=mass_floor,
+            crossover=crossover, strategy=strategy, bound=bound, sigma=sigma,
+            cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
         ).validate()
         if out_dir is None:
@@ -339,7 +358,7 @@ def align(
     )
     try:
         with progress:
-            total = cfg.budget // cfg.popsize * cfg.popsize if cfg.optimizer == "de" else cfg.budget  # DE: whole generations
+            total = cfg.budget // cfg.batch_size * cfg.batch_size  # whole batches
             task = progress.add_task(f"align {escape(target.name)} ({cfg.optimizer})", total=total,
                                      completed=aligner.evaluations_done, gen="-", best="-")
 
@@ -362,8 +381,9 @@ def align(
 
 
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
-RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize", "mutation",
-             "crossover", "strategy", "bound", "sigma", "lr", "mass_floor", "mass_weight")
+RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize",
+             "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "mass_floor",
+             "mass_weight")
 
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
@@ -409,14 +429,14 @@ def experts_build(
     out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="Registry folder: new, empty, or a registry to continue (finished experts are kept)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help="Target set for cultures given without @SET."),
-    optimizer: str = typer.Option("de", "--optimizer", metavar="NAME", help="Any optimizer `align` offers: de or adam."),
-    budget: int = typer.Option(160, "--budget", metavar="N", help="Candidate evaluations per expert (see `align --help`)."),
-    tokens: int = typer.Option(32, "--tokens", metavar="N", help="Soft prompt length."),
-    dim: int = typer.Option(16, "--dim", metavar="D", help="DE search dimension."),
-    sigma: float = typer.Option(40.0, "--sigma", metavar="S", help="DE search size (embedding stds)."),
-    popsize: int = typer.Option(6, "--popsize", metavar="N", help="DE population size (>= 4)."),
-    lr: float = typer.Option(0.02, "--lr", metavar="LR", help="Adam learning rate."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of every expert's search."),
+    optimizer: str = typer.Option(_D.optimizer, "--optimizer", metavar="NAME", help="Any optimizer `align` offers (see `align --help`)."),
+    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations per expert (see `align --help`)."),
+    tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length."),
+    dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension of the black-box methods."),
+    sigma: float = typer.Option(_D.sigma, "--sigma", metavar="S", help="Search size (embedding stds)."),
+    popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random."),
+    lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="Adam learning rate."),
+    seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of every expert's search."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
     """Align one soft prompt per culture and write a registry (one PEFT folder per culture + manifest.json).
@@ -435,8 +455,8 @@ def experts_build(
 
     specs = parse_culture_specs(countries, targets)
     found = [load_target(code, set_name) for code, set_name in specs]
-    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma, popsize=popsize, lr=lr,
-                      seed=seed).validate()
+    cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma,
+                      popsize=popsize, lr=lr, seed=seed).validate()
     check_output_dir(out_dir, "--out")
     inst = load_instrument("vsm2013")
     cfg.constants = inst.constants()
@@ -444,7 +464,7 @@ def experts_build(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
                         TextColumn("best L1 {task.fields[best]}"), TimeElapsedColumn(), console=console)
     tasks: dict = {}
-    total = budget // popsize * popsize if optimizer == "de" else budget
+    total = budget // cfg.batch_size * cfg.batch_size
 
     def start(code, aligner):
         tasks[code] = progress.add_task(f"expert {escape(code)}", total=total, completed=aligner.evaluations_done, best="-")
@@ -684,6 +704,245 @@ def _registry_target(expert):
     from culturalign.targets import Target
 
     return Target.from_json(expert.info["target"])
+
+
+
+# ---- experiment grids ----------------------------------------------------------------------------------
+
+EXPERIMENT_EPILOG = ("Rerun the same command to continue: finished cells are skipped, an interrupted one resumes, and a "
+                     "larger grid.budget extends them. See experiments/paper.yaml for the file's keys.")
+
+
+@app.command(cls=Command, epilog=EXPERIMENT_EPILOG)
+def experiment(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Experiment file: .yaml, .yml or .toml (grid of targets x optimizers x seeds, settings)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Experiment folder: new, empty, or one this file started (default runs/experiments/<name>)."),
+    executor: str = typer.Option("local", "--executor", metavar="NAME", help="local: the cells one after the other in this process; ray: one Ray task per cell."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start a local one)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", metavar="N", help="CPUs of the local Ray cluster started here (default: all)."),
+    cell_timeout: Optional[float] = typer.Option(None, "--cell-timeout", metavar="S", help="Ray only: cancel a cell still running after S seconds (model load included); its checkpoint is kept."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="MODEL", help="Use this model instead of the file's: " + MODEL_HELP),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]; default cuda when available."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and what each needs (new, resume, extend, done), then exit; writes nothing."),
+):
+    """Run a grid of align runs (targets x optimizers x seeds) and report them: cells.csv, curves.csv, report.md.
+
+    Each cell is an ordinary align output folder under DIR/cells/. Everything in the file is checked before the
+    model loads. Example: culturalign experiment experiments/paper.yaml --executor ray
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from culturalign.experiments.executors import make_executor
+    from culturalign.experiments.report import summary_lines
+    from culturalign.experiments.runner import plan, run_experiment
+    from culturalign.experiments.spec import load_spec
+
+    exp = load_spec(config, model)
+    runner = make_executor(executor, address, num_cpus, device, cell_timeout)
+    if executor == "local" and device is not None:
+        from culturalign.backends.loading import default_device
+
+        default_device(device)
+    if out_dir is None:
+        slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in exp.name).strip("-.") or "experiment"
+        out_dir = Path("runs") / "experiments" / slug
+    states = plan(exp, out_dir)
+    if dry_run:
+        table = Table(title=f"{exp.name}: {len(states)} cells -> {out_dir}", title_justify="left")
+        table.add_column("cell", no_wrap=True)
+        table.add_column("target")
+        table.add_column("budget", justify="right")
+        table.add_column("status")
+        words = {"new": "new", "partial": "resume", "extend": "extend", "done": "done"}
+        for s in states:
+            status = words[s.status] + (f" ({s.evaluations} evaluations)" if s.status != "new" else "")
+            table.add_row(s.cell.name, s.cell.target.name, str(s.cell.budget), status)
+        out.print(table)
+        return
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console, transient=True)
+    done = sum(s.status == "done" for s in states)
+    tasks: dict = {}
+
+    def update(kind, state, info):
+        name = state.cell.name
+        if kind == "start":
+            progress.update(cells_task, description=f"experiment {escape(exp.name)}")
+            tasks[name] = progress.add_task(f"  {escape(name)}", total=state.cell.budget, completed=info["evaluations"],
+                                            unit="evals", best="")
+        elif kind == "progress" and name in tasks:
+            progress.update(tasks[name], completed=info["evaluations"], best=f"best {info['best_loss']:.1f}")
+        elif kind == "finish" and name in tasks:
+            progress.remove_task(tasks.pop(name))
+            progress.advance(cells_task)
+
+    try:
+        with progress:
+            getting_ready = "loading the model" if executor == "local" else "starting Ray"
+            cells_task = progress.add_task(f"experiment {escape(exp.name)} ({getting_ready} ...)", total=len(states), completed=done,
+                                           unit="cells", best="")
+            result = run_experiment(exp, out_dir, runner, progress=update, states=states)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] finished cells and the checkpoints of started ones are kept in "
+                      f"{escape(str(out_dir))}; rerun the same command to continue", highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
+    for line in summary_lines(result.rows):
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"{result.ran} cell(s) run, {len(states) - result.ran} already finished; cells.csv, curves.csv, report.md, "
+                  f"plots -> {escape(str(out_dir))}", highlight=False, soft_wrap=True)
+
+
+# ---- held-out checks -----------------------------------------------------------------------------------
+
+def _soft_prompt_target(sp, ctx, country, targets, target_file):
+    """--country/--target-file when given, else the target saved in the soft prompt's culturalign.json."""
+    from culturalign.targets import Target
+
+    if country is not None or target_file is not None:
+        return _target(ctx, country, targets, target_file)
+    if _given(ctx, "targets"):
+        raise CulturalignError(f"--targets {targets!r} applies to --country; give --country too, or leave --targets out "
+                               "to use the soft prompt's saved target")
+    saved = sp.meta.get("target")
+    if saved is None:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r} names no target in culturalign.json; give --country "
+                               "or --target-file")
+    try:
+        t = Target.from_json(saved)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CulturalignError(f"soft prompt {sp.source['path']!r}: the target in culturalign.json is not understood; "
+                               "give --country or --target-file") from None
+    if not t.scores:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r}: the target in culturalign.json has no scores")
+    return t
+
+
+@app.command(cls=Command)
+def mcq(
+    file: Optional[Path] = typer.Option(None, "--file", metavar="FILE", help="Questions, CSV: id,country,question,option_a,option_b,...,answer (the letter); or a CulturalBench-Easy/-Hard file. Default: the shipped set."),
+    soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", metavar="DIR", help="A saved soft prompt folder: accuracy is measured without and with it."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the results, with each question's prediction, as JSON (- = standard output)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Multiple-choice cultural knowledge check: accuracy overall and per country, without and with a soft prompt.
+
+    Example: culturalign mcq --soft-prompt src/culturalign/data/experts/smollm2-135m/CN
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.heldout.mcq import load_mcq, run_mcq
+    from culturalign.heldout.tables import mcq_notes, mcq_table
+    from culturalign.softprompt import SoftPrompt
+
+    qs = load_mcq(file)
+    sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None
+    target = None
+    if sp is not None and sp.meta.get("target") is not None:
+        from culturalign.targets import Target
+
+        try:
+            target = Target.from_json(sp.meta["target"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            target = None  # only used to name the target's own questions
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    lm = _load(model, device)
+    if sp is not None:
+        sp.check_width(lm.hidden_size)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
+                   TimeElapsedColumn(), console=console, transient=True)
+    with bar:
+        task = bar.add_task("mcq", total=len(qs))
+        res = run_mcq(lm, qs, None if sp is None else sp.embeddings, target,
+                      progress=lambda n: bar.update(task, completed=n))
+    res = {"model": lm.name, "soft_prompt": None if sp is None else sp.source, **res}
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, res)
+        if not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    shown = console if to_stdout else out
+    shown.print(mcq_table(res))
+    for line in mcq_notes(res):
+        shown.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command(cls=Command)
+def heldout(
+    ctx: typer.Context,
+    soft_prompt: Path = typer.Option(..., "--soft-prompt", metavar="DIR", help="The aligned soft prompt folder to check."),
+    country: Optional[str] = typer.Option(None, "--country", "-c", metavar="COUNTRY", help=COUNTRY_HELP + " Default: the target saved with the soft prompt."),
+    targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
+    target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
+    mcq_file: Optional[Path] = typer.Option(None, "--mcq-file", metavar="FILE", help="Questions for the MCQ check (see `culturalign mcq --help`). Default: the shipped set."),
+    text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="Text for the perplexity check (UTF-8). Default: the shipped neutral text."),
+    constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50. Default 0 for all."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write every check's numbers as JSON (- = standard output)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
+):
+    """Held-out checks of a soft prompt, each without and with it: L1 on paraphrased items and on reversed
+    options (and the share of the L1 gain kept), MCQ cultural knowledge, and perplexity of a neutral text.
+
+    Example: culturalign heldout --soft-prompt src/culturalign/data/experts/smollm2-135m/CN
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.heldout import run_heldout
+    from culturalign.heldout.mcq import load_mcq
+    from culturalign.heldout.perplexity import load_text
+    from culturalign.heldout.tables import heldout_table
+    from culturalign.instrument import load_instrument
+    from culturalign.prompts import PROFILES
+    from culturalign.softprompt import SoftPrompt
+
+    sp = SoftPrompt.load(soft_prompt)
+    target = _soft_prompt_target(sp, ctx, country, targets, target_file)
+    profile = sp.meta.get("prompt", "naive")
+    if profile not in PROFILES:
+        raise CulturalignError(f"soft prompt {str(soft_prompt)!r}: culturalign.json names prompt {profile!r}; expected one "
+                               f"of {', '.join(PROFILES)}")
+    instrument = sp.meta.get("instrument", "vsm2013")
+    inst = load_instrument(instrument)
+    constants = inst.constants(_parse_constants(constant))
+    load_mcq(mcq_file)  # bad inputs fail before the model loads
+    load_text(text)
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    lm = _load(model, device)
+    sp.check_width(lm.hidden_size)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    stages: dict = {}
+
+    def update(stage, done, total):
+        if stage not in stages:
+            stages[stage] = bar.add_task(stage, total=total)
+        bar.update(stages[stage], completed=done, total=total)
+
+    t0 = time.perf_counter()
+    with bar:
+        result = run_heldout(lm, sp, target, prompt=profile, constants=constants, mcq_file=mcq_file, progress=update,
+                             instrument=instrument, text_file=text)
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, result)
+        if not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    shown = console if to_stdout else out
+    shown.print(heldout_table(result))
+    shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "
+                "the variant / the same on the original.", highlight=False, soft_wrap=True)
+    for v in result["survey"]["variants"]:
+        if v["kept"] is None and v["kept_note"]:
+            shown.print(f"gain kept on {v['instrument']}: {v['kept_note']}", highlight=False, soft_wrap=True, markup=False)
+    shown.print(f"held-out checks took {time.perf_counter() - t0:.1f} s", highlight=False)
 
 
 def _error_line(message: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -21,14 +21,33 @@ from culturalign.errors import CulturalignError
 
 SCHEMA = "culturalign.instrument/1"
 BUILTIN = ("vsm2013", "vsm2013-para-a", "vsm2013-para-b")
+REVERSED = "-reversed"  # suffix of an id: the instrument with every item's options presented in reverse order
 
 
 @dataclass(frozen=True)
 class Item:
+    """One questionnaire item. `options` are in the order of the answer codes (option k has code codes[k]).
+
+    `order`, when set, is the order in which the options are *presented*: the option listed at position j
+    (labelled with the j-th answer code) is `options[order[j]]`. The model's answer at position j is
+    mapped back to code `codes[order[j]]` before scoring (`Instrument.to_code_order`). None means the
+    natural order.
+    """
+
     id: int
     text: str
     options: tuple[str, ...]
     section: str | None = None  # instruction shared by a block of items (printed above the item)
+    order: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.order is not None and sorted(self.order) != list(range(len(self.options))):
+            raise ValueError(f"item {self.id}: order {self.order} is not a permutation of its {len(self.options)} options")
+
+    @property
+    def presented_options(self) -> tuple[str, ...]:
+        """The options in the order they are shown to the model."""
+        return self.options if self.order is None else tuple(self.options[i] for i in self.order)
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,7 @@ class Instrument:
     terms_of_use: str = ""
     defaults: dict[str, float] = field(default_factory=dict)  # default constant C per index
     source: str = ""  # how it was loaded: a built-in id or the file's path (to load it again, e.g. on resume)
+    variant_of: str = ""  # the id of the instrument this one paraphrases (held-out variants), or ""
 
     @property
     def dims(self) -> list[str]:
@@ -87,6 +107,48 @@ class Instrument:
                 w[i, pos[t.plus]] += t.weight
                 w[i, pos[t.minus]] -= t.weight
         return w
+
+    def reversed(self) -> "Instrument":
+        """The same instrument with every item's options presented in reverse order (id `<id>-reversed`).
+
+        The answer codes are relabelled: the first option shown is labelled with the first code, so on a
+        five-point scale the model sees "1. <original option 5>" ... "5. <original option 1>". Its answers are
+        mapped back to the original codes (`to_code_order`) before anything is scored, so the indices mean
+        the same as the original's. Reversing twice gives the original presentation.
+        """
+        items = []
+        for it in self.items:
+            current = it.order if it.order is not None else tuple(range(len(it.options)))
+            order = tuple(reversed(current))
+            items.append(replace(it, order=None if order == tuple(range(len(it.options))) else order))
+        rid = self.id[: -len(REVERSED)] if self.id.endswith(REVERSED) else self.id + REVERSED
+        src = self.source[: -len(REVERSED)] if self.source.endswith(REVERSED) else (self.source + REVERSED if self.source else "")
+        return replace(self, id=rid, items=items, source=src)
+
+    @property
+    def presentation(self) -> np.ndarray | None:
+        """[I, K] for each item, the option index shown at each position (None when every item is in natural order)."""
+        if all(it.order is None for it in self.items):
+            return None
+        k = len(self.codes)
+        return np.array([it.order if it.order is not None else tuple(range(k)) for it in self.items], dtype=np.int64)
+
+    def to_code_order(self, probs):
+        """Answer probabilities per *presented* position [..., I, K] -> per answer code [..., I, K].
+
+        Works on numpy arrays and torch tensors (differentiably); the identity when no item is reordered.
+        """
+        order = self.presentation
+        if order is None:
+            return probs
+        inverse = np.argsort(order, axis=1)  # inverse[i, k]: the position at which option k was shown
+        if hasattr(probs, "detach"):
+            import torch
+
+            idx = torch.as_tensor(inverse, device=probs.device).expand(*probs.shape[:-2], *inverse.shape)
+            return torch.gather(probs, -1, idx)
+        probs = np.asarray(probs)
+        return np.take_along_axis(probs, np.broadcast_to(inverse, probs.shape), axis=-1)
 
     def score(self, means, constants: dict[str, float] | None = None):
         """Index scores from item means ([..., n_items], numpy or torch); returns [..., n_indices]."""
@@ -167,11 +229,20 @@ def parse_instrument(data: dict, path: str = "<instrument>") -> Instrument:
     return Instrument(
         id=str(data["id"]), name=str(data["name"]), items=items, indices=indices, codes=codes,
         citation=data.get("citation", ""), terms_of_use=data.get("terms_of_use", ""), defaults=defaults,
+        variant_of=str(data.get("variant_of") or ""),
     )
 
 
 def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
-    """A built-in instrument by id (`vsm2013`, or the held-out paraphrases `vsm2013-para-a`/`-b`) or a user's JSON file of the same schema."""
+    """A built-in instrument by id (`vsm2013`, or the held-out paraphrases `vsm2013-para-a`/`-b`) or a user's JSON file of the same schema.
+
+    A built-in id or a file path with the suffix `-reversed` (`vsm2013-reversed`, `mine.json-reversed`)
+    is that instrument with its options presented in reverse order (`Instrument.reversed`); its `source`
+    keeps the suffix, so it loads again the same way.
+    """
+    base = name_or_path[: -len(REVERSED)]
+    if name_or_path.endswith(REVERSED) and (base in BUILTIN or (Path(base).is_file() and not Path(name_or_path).exists())):
+        return load_instrument(base).reversed()
     if name_or_path in BUILTIN:
         text = resources.files("culturalign.data.instruments").joinpath(f"{name_or_path}.json").read_text("utf-8")
         inst = parse_instrument(json.loads(text), name_or_path)
@@ -180,10 +251,15 @@ def load_instrument(name_or_path: str = "vsm2013") -> Instrument:
     path = Path(name_or_path)
     if not path.exists():
         raise CulturalignError(
-            f"instrument {name_or_path!r} not found: expected a built-in id ({', '.join(BUILTIN)}) or a JSON file path"
+            f"instrument {name_or_path!r} not found: expected a built-in id ({', '.join(BUILTIN)}, each also with the suffix {REVERSED}) or a JSON file path"
         )
     from culturalign.files import read_json_file
 
     inst = parse_instrument(read_json_file(path, "instrument file"), str(path))
     inst.source = str(path)
     return inst
+
+
+def paraphrase_variants(instrument_id: str) -> list[str]:
+    """Ids of the built-in instruments that paraphrase `instrument_id` (their `variant_of`), in id order."""
+    return [b for b in BUILTIN if b != instrument_id and load_instrument(b).variant_of == instrument_id]

@@ -56,7 +56,9 @@ def system_text(profile: str, target: Target | None) -> str | None:
 
 
 def user_text(item: Item, codes: tuple[int, ...]) -> str:
-    options = "\n".join(f"{c}. {o}" for c, o in zip(codes, item.options))
+    """The item's user turn. Options are listed in their presented order (`Item.presented_options`), each
+    labelled with the answer codes in sequence; a reordered item's answers are mapped back by the survey."""
+    options = "\n".join(f"{c}. {o}" for c, o in zip(codes, item.presented_options))
     head = f"{item.section}\n" if item.section else ""
     return (
         f"{head}Answer options:\n{options}\n"

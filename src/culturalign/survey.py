@@ -144,11 +144,17 @@ class Survey:
             self.target_vec = torch.tensor([target.scores.get(d, 0.0) for d in instrument.dims], dtype=torch.float32)
 
     def distributions(self, soft=None, progress=None) -> Distributions:
-        """[P, I, K] answer distributions (I items); `soft` as `Backend.option_distributions` takes it;
-        `progress(n)` is called with the number of items answered so far."""
+        """[P, I, K] answer distributions (I items), in answer-code order; `soft` as `Backend.option_distributions`
+        takes it; `progress(n)` is called with the number of items answered so far.
+
+        An item whose options are presented in another order (`Item.order`, e.g. a reversed instrument) is
+        asked in that order, and its distribution is mapped back to the original codes here, before
+        anything is scored."""
         if progress is None:
-            return self.backend.option_distributions(self.prompts, self.option_ids, soft)
-        return self.backend.option_distributions(self.prompts, self.option_ids, soft, progress=progress)
+            d = self.backend.option_distributions(self.prompts, self.option_ids, soft)
+        else:
+            d = self.backend.option_distributions(self.prompts, self.option_ids, soft, progress=progress)
+        return Distributions(self.instrument.to_code_order(d.probs), d.mass)
 
     def indices(self, dists: Distributions) -> torch.Tensor:
         """[P, n_indices] index scores from answer distributions (differentiable)."""
@@ -190,6 +196,7 @@ class Survey:
         if soft is not None and soft.dim() == 2:
             soft = soft.unsqueeze(0)
         s = sample_answers(self.backend, self.sequences, self.instrument.codes, n, temperature, soft, seed)
+        s.counts = self.instrument.to_code_order(s.counts)  # parsed labels are presented positions
         parsed = s.counts.sum(1)
         if (parsed == 0).any():
             missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]

@@ -5,8 +5,11 @@
     loading.py  the embedded GGUF -> cached safetensors, local dirs, hub ids, devices -> HFBackend
 """
 
-from culturalign.backends.base import Backend, Distributions, Generation, GenerationRequest, PromptSet
+from culturalign.backends.base import (
+    Backend, Distributions, Generation, GenerationRequest, LoglikelihoodRequest, PromptSet,
+)
 from culturalign.backends.hf import HFBackend
 from culturalign.backends.loading import load_backend
 
-__all__ = ["Backend", "Distributions", "PromptSet", "GenerationRequest", "Generation", "HFBackend", "load_backend"]
+__all__ = ["Backend", "Distributions", "PromptSet", "GenerationRequest", "Generation", "LoglikelihoodRequest", "HFBackend",
+           "load_backend"]

@@ -4,6 +4,7 @@ Shaped like lm-eval-harness's `LM`: a few batch methods, each taking a soft prom
 
 - `option_distributions`: every prompt's next-token distribution over the answer-option tokens.
 - `generate`: continuations of a batch of chat-rendered prompts.
+- `loglikelihood`: token log-probabilities of texts (lm-eval's `loglikelihood_rolling`), e.g. for perplexity.
 
 A soft prompt is a tensor of input embeddings [n, H] prepended at position 0, before the prompt's
 first token, as PEFT's prompt tuning does. Nothing outside `culturalign.backends` touches the
@@ -92,6 +93,20 @@ class GenerationRequest:
 
 
 @dataclass
+class LoglikelihoodRequest:
+    """A text to score: the log-probability of each `continuation` token given everything before it.
+
+    The row is `[soft prompt][context][continuation]`; `context` conditions the first continuation token
+    and is not scored (e.g. the tokenizer's start token, so that a text is scored the same way with and
+    without a soft prompt). `context` may be empty only when there is a soft prompt.
+    """
+
+    context: list[int]
+    continuation: list[int]
+    soft: torch.Tensor | None = None  # [n, H] soft prompt for this row, or None
+
+
+@dataclass
 class Generation:
     text: str  # the new tokens decoded, special tokens skipped
     token_ids: list[int]  # the new tokens, up to and including the end-of-sequence token if one came
@@ -149,3 +164,15 @@ class Backend(ABC):
         Returns, per request, `num_return_sequences` generations. `temperature <= 0` is greedy (its
         copies are identical); otherwise pure sampling (no top-k / top-p), seeded by `seed`.
         """
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], *, max_length: int | None = None,
+                      progress=None) -> list[torch.Tensor]:
+        """Each request's continuation token log-probabilities, a float32 tensor [len(continuation)] per request.
+
+        Like lm-eval-harness's `loglikelihood_rolling`: a row longer than `max_length` positions (default:
+        the model's context size) is scored in disjoint windows of continuation tokens, each window
+        conditioned on as many of the tokens before it as fit, with the soft prompt at the start of every
+        window. `progress(n)` is called with the number of windows scored so far. Differentiable with
+        respect to a soft prompt that requires grad.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not compute log-likelihoods")

@@ -18,7 +18,8 @@ have one length take the unpadded path.
 `plain_option_distributions` is the straightforward version (every prompt as its full sequence,
 full logits), kept as the reference for tests and benchmarks. Both are differentiable when a soft
 prompt requires grad. `generate` runs transformers' generation loop on left-padded input embeddings,
-each row's soft prompt placed after its padding.
+each row's soft prompt placed after its padding. `loglikelihood` scores texts token by token in
+left-padded batches of windows, computing logits only at the positions that predict a scored token.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from culturalign.backends.base import (
-    Backend, Distributions, Generation, GenerationRequest, PromptSet, SoftPrompts,
+    Backend, Distributions, Generation, GenerationRequest, LoglikelihoodRequest, PromptSet, SoftPrompts,
 )
 
 
@@ -195,6 +196,71 @@ class HFBackend(Backend):
         r = root.shape[1]
         mask = torch.tensor([[0] * (longest - n) + [1] * (n + r) for n in lengths], dtype=torch.long, device=dev)
         return torch.stack(rows), mask
+
+    # -- log-likelihood --------------------------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], *, max_length: int | None = None,
+                      progress: Callable[[int], None] | None = None, max_logits: int = 1 << 25) -> list[torch.Tensor]:
+        """See `Backend.loglikelihood`. `max_logits` bounds rows x kept positions x vocabulary per forward pass."""
+        limit = max_length or self.model_info()["max_context"] or 2048
+        vocab = self.model_info()["vocab_size"]
+        windows = []  # (request, soft, input ids, target ids)
+        for r_i, r in enumerate(requests):
+            n_soft = 0 if r.soft is None else r.soft.shape[0]
+            if r.soft is not None and (r.soft.dim() != 2 or n_soft < 1):
+                raise ValueError(f"request {r_i}: a soft prompt must be a tensor [n >= 1, H], got shape {tuple(r.soft.shape)}")
+            tokens, first = list(r.context) + list(r.continuation), len(r.context)
+            if first == 0 and n_soft == 0 and r.continuation:
+                raise ValueError(f"request {r_i}: its first token has nothing to be predicted from; give a context "
+                                 "(e.g. the start token) or a soft prompt")
+            cap = limit - n_soft  # token positions left in a window next to the soft prompt
+            if cap < 1:
+                raise ValueError(f"request {r_i}: a soft prompt of {n_soft} tokens leaves no room in {limit} positions")
+            s = first
+            while s < len(tokens):  # targets tokens[s:e], read from the logits after tokens[a:e-1]
+                e = min(len(tokens), s + cap)
+                a = max(0, e - 1 - cap)
+                windows.append((r_i, r.soft, tokens[a : e - 1], tokens[s:e]))
+                s = e
+        pieces: list[list[torch.Tensor]] = [[] for _ in requests]
+        grad = any(r.soft is not None and r.soft.requires_grad for r in requests)
+        done, i = 0, 0
+        with torch.set_grad_enabled(grad):
+            while i < len(windows):
+                j = i + 1  # grow the batch while its kept logits stay within max_logits
+                while j < len(windows) and (j + 1 - i) * max(len(w[3]) for w in windows[i : j + 1]) * vocab <= max_logits:
+                    j += 1
+                for (r_i, _, _, _), logp in zip(windows[i:j], self._window_logprobs(windows[i:j])):
+                    pieces[r_i].append(logp)
+                done += j - i
+                i = j
+                if progress is not None:
+                    progress(done)
+        return [torch.cat(p) if p else torch.zeros(0) for p in pieces]
+
+    def _window_logprobs(self, batch) -> list[torch.Tensor]:
+        """One left-padded forward pass over windows `[soft][input ids]`; log-probs of each window's targets."""
+        dev, dtype = self.device, self.dtype
+        lengths = [(0 if soft is None else soft.shape[0]) + len(ids) for _, soft, ids, _ in batch]
+        width, keep = max(lengths), max(len(t) for *_, t in batch)
+        rows, mask = [], []
+        for n, (_, soft, ids, _) in zip(lengths, batch):
+            parts = [self.embed([0] * (width - n)).to(dtype)] if n < width else []  # any token: masked out
+            if soft is not None:
+                parts.append(soft.to(device=dev, dtype=dtype))
+            if ids:
+                parts.append(self.embed(ids).to(dtype))
+            rows.append(torch.cat(parts, 0))
+            mask.append([0] * (width - n) + [1] * n)
+        mask = torch.tensor(mask, dtype=torch.long, device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(inputs_embeds=torch.stack(rows), attention_mask=mask, position_ids=pos,
+                            logits_to_keep=keep, use_cache=False).logits
+        out = []
+        for b, (*_, targets) in enumerate(batch):
+            n = len(targets)
+            logp = torch.log_softmax(logits[b, keep - n :].float(), dim=-1)
+            out.append(logp.gather(-1, torch.tensor(targets, device=dev).unsqueeze(-1)).squeeze(-1).cpu())
+        return out
 
     # -- generation ------------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:

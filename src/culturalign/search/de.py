@@ -1,4 +1,4 @@
-"""Black-box and white-box optimisers over soft prompts, with exactly resumable state.
+"""Differential Evolution (the paper's method), with exactly resumable state.
 
 `DifferentialEvolution` is a small ask/tell engine (Storn & Price 1997) rather than
 `scipy.optimize.differential_evolution`, because a long alignment run must checkpoint and resume
@@ -20,6 +20,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from culturalign.errors import CulturalignError
+from culturalign.search.protocol import Evaluation, Optimizer
 
 STRATEGIES = ("rand1bin", "best1bin", "currenttobest1bin", "rand2bin")
 NEEDS = {"rand1bin": 3, "best1bin": 2, "currenttobest1bin": 2, "rand2bin": 5}  # distinct partners per trial
@@ -178,3 +179,28 @@ def minimize_de(func: Callable[[np.ndarray], np.ndarray], dim: int, budget: int,
     return OptimizeResult(x=x, fun=fun, nfev=de.nfev, nit=de.generation, success=True,
                           message="evaluation budget used", population=de.population,
                           population_energies=de.fitness, history=history)
+
+
+class DE(Optimizer):
+    """`DifferentialEvolution` behind the search protocol: one generation (`popsize` points) per ask."""
+
+    name = "de"
+
+    def __init__(self, dim: int, seed: int = 0, config: DEConfig | None = None):
+        super().__init__(dim, seed)
+        self.engine = DifferentialEvolution(dim, config, seed)
+
+    def ask(self) -> np.ndarray:
+        return self.engine.ask()
+
+    def tell(self, X: np.ndarray, evaluation: Evaluation) -> None:
+        self._check_tell(X, self.engine._pending, evaluation)
+        self.engine.tell(evaluation.loss)
+        self.nfev, self.generation = self.engine.nfev, self.engine.generation
+
+    def state_dict(self) -> dict:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine = DifferentialEvolution.from_state(state)
+        self.nfev, self.generation = self.engine.nfev, self.engine.generation
