@@ -116,21 +116,21 @@ def test_toml_and_yaml_describe_the_same_experiment(tmp_path):
     assert a.cells[0].config.mutation == (0.4, 0.9) and a.seeds == [0]
 
 
-def test_shipped_experiment_files(monkeypatch):
-    """paper.yaml and china-seeds.yaml: the paper's targets and every optimizer (the names the search package adds
-    are accepted here by extending OPTIMIZERS, as that package will)."""
-    import culturalign.alignment as alignment
-
+def test_shipped_experiment_files():
+    """paper.yaml (the paper's four targets with DE), china.yaml (every other method on China) and
+    china-seeds.yaml (every method over three seeds) load and expand as documented."""
     root = Path(__file__).resolve().parents[1] / "experiments"
-    wanted = ("de", "cmaes", "dfols", "random", "adam")
-    monkeypatch.setattr(alignment, "OPTIMIZERS", tuple(dict.fromkeys(alignment.OPTIMIZERS + wanted)))
     paper = load_spec(root / "paper.yaml")
     assert [(t.iso2, t.set_name) for t in paper.targets] == [("SA", "hofstede-2023"), ("US", "hofstede-2015"),
                                                              ("CN", "hofstede-2015"), ("IN", "hofstede-2015")]
-    assert paper.optimizers == list(wanted) and paper.seeds == [0] and {c.budget for c in paper.cells} == {200}
-    china = load_spec(root / "china-seeds.yaml")
-    assert [t.iso2 for t in china.targets] == ["CN"] and china.seeds == [0, 1, 2] and china.optimizers == list(wanted)
-    assert len(china.cells) == 15 and {c.budget for c in china.cells} == {200}
+    assert paper.optimizers == ["de"] and paper.seeds == [0] and {c.budget for c in paper.cells} == {200}
+    china = load_spec(root / "china.yaml")
+    assert china.optimizers == ["adam-subspace", "cmaes", "random", "adam", "dfols"]
+    assert {c.optimizer: c.budget for c in china.cells} == {"adam-subspace": 30, "cmaes": 200, "random": 200,
+                                                            "adam": 30, "dfols": 200}
+    seeds = load_spec(root / "china-seeds.yaml")
+    assert [t.iso2 for t in seeds.targets] == ["CN"] and seeds.seeds == [0, 1, 2]
+    assert seeds.optimizers == ["de", "cmaes", "dfols", "random", "adam"] and len(seeds.cells) == 15
 
 
 # ---- the file: bad input, one line naming the file and the key -------------------------------------------------
@@ -603,3 +603,37 @@ def test_ray_local_cluster_runs_the_grid_like_local(tiny_dir, tmp_path):
     for c in exp.cells:
         assert (tmp_path / "ray" / CELLS_DIR / c.name / "result.json").is_file()
     assert math.isfinite(result.rows[0]["aligned_l1"])
+
+
+# ---- held-out checks of the cells ----------------------------------------------------------------------------
+
+def test_heldout_checks_join_the_csv_and_the_report(grid_run, tiny_lm, tmp_path):
+    """`--heldout` runs the held-out checks once per finished cell, adds them to cells.csv and report.md, and a
+    second pass finds nothing to do."""
+    import shutil
+
+    from culturalign.experiments.runner import HELDOUT_FILE, plan, run_heldout_cells
+
+    exp, out, _, _ = grid_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    states = plan(exp, copy)
+    seen = []
+    n = run_heldout_cells(exp, copy, states, tiny_lm, on_cell=lambda s, i, k: seen.append((s.cell.name, i, k)))
+    assert n == len(exp.cells) == len(seen)
+    rows = read_csv(copy / "cells.csv")
+    for r in rows:
+        held = json.loads((copy / "cells" / r["cell"] / HELDOUT_FILE).read_text())
+        base = held["survey"]["original"]
+        assert float(r["heldout_l1_with"]) == pytest.approx(base["with"]["l1"])
+        # the held-out "with" profile on the original items is the cell's aligned profile
+        assert float(r["heldout_l1_with"]) == pytest.approx(float(r["aligned_l1"]), abs=1e-3)
+        kinds = {v["kind"] for v in held["survey"]["variants"]}
+        assert kinds == {"paraphrase", "reversed options"}
+        for col in ("heldout_mcq_with", "heldout_ppl_with"):
+            assert r[col] != "", col
+        for col in ("heldout_para_a_kept", "heldout_para_b_kept", "heldout_reversed_kept"):
+            assert (r[col] != "") == (base["gain"] > 0), col  # the share is undefined without a gain
+    report = (copy / "report.md").read_text()
+    assert "## Held-out checks" in report and all(r["cell"] in report.split("## Held-out checks")[1] for r in rows)
+    assert run_heldout_cells(exp, copy, plan(exp, copy), tiny_lm) == 0

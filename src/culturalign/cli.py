@@ -724,6 +724,7 @@ def experiment(
     model: Optional[str] = typer.Option(None, "--model", "-m", metavar="MODEL", help="Use this model instead of the file's: " + MODEL_HELP),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]; default cuda when available."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and what each needs (new, resume, extend, done), then exit; writes nothing."),
+    heldout: bool = typer.Option(False, "--heldout", help="Then run the held-out checks (`culturalign heldout`: paraphrases, reversed options, MCQ, perplexity) on every finished cell that lacks them, in this process, and add them to cells.csv and report.md."),
 ):
     """Run a grid of align runs (targets x optimizers x seeds) and report them: cells.csv, curves.csv, report.md.
 
@@ -787,7 +788,16 @@ def experiment(
         console.print(f"[yellow]interrupted:[/yellow] finished cells and the checkpoints of started ones are kept in "
                       f"{escape(str(out_dir))}; rerun the same command to continue", highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
-    for line in summary_lines(result.rows):
+    rows = result.rows
+    if heldout:
+        from culturalign.experiments.runner import run_heldout_cells
+
+        lm = _load(device=device, model=exp.model)
+        with console.status("held-out checks ...") as status:
+            n = run_heldout_cells(exp, out_dir, states, lm, on_cell=lambda st, i, k: status.update(
+                f"held-out checks: {escape(st.cell.name)} ({i + 1} of {k})"))
+        console.print(f"held-out checks of {n} cell(s) -> cells/<cell>/heldout.json", highlight=False)
+    for line in summary_lines(rows):
         out.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"{result.ran} cell(s) run, {len(states) - result.ran} already finished; cells.csv, curves.csv, report.md, "
                   f"plots -> {escape(str(out_dir))}", highlight=False, soft_wrap=True)

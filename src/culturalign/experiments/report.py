@@ -257,9 +257,28 @@ def convergence_plots(folder: Path, rows: list[dict], curves: list[dict]) -> dic
 # ---- report.md ----------------------------------------------------------------------------------------------
 
 def _heldout_section(cells: list[dict]) -> str:
-    """HELD-OUT CHECKS GO HERE: Markdown for checks of the aligned prompts on held-out material (e.g. the
-    paraphrased instruments), computed from the cells' rows. Returns "" until they exist."""
-    return ""
+    """Held-out checks of the cells' soft prompts (`--heldout`): paraphrases, reversed options, MCQ, perplexity."""
+    rows = [r for r in cells if r.get("heldout_l1_with") is not None]
+    if not rows:
+        return ""
+
+    def f(x, nd):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    lines = ["## Held-out checks", "",
+             "Each finished cell's soft prompt on material it was not tuned on (`culturalign heldout`). *kept* is the "
+             "share of the L1 gain on the original items that carries over to a variant: (L1 without - L1 with) on "
+             "the variant / the same on the original; 1 = all of it, 0 = none. MCQ: accuracy on the shipped "
+             "cultural-knowledge questions. Perplexity: a neutral text, without and with the prompt.", "",
+             "| cell | L1 without | L1 with | kept, para-a | kept, para-b | kept, reversed options | MCQ without | "
+             "MCQ with | perplexity without | perplexity with |",
+             "|---|" + "---:|" * 9]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {f(r['heldout_l1_without'], 1)} | {f(r['heldout_l1_with'], 1)} | "
+                     f"{f(r['heldout_para_a_kept'], 2)} | {f(r['heldout_para_b_kept'], 2)} | "
+                     f"{f(r['heldout_reversed_kept'], 2)} | {f(r['heldout_mcq_without'], 3)} | "
+                     f"{f(r['heldout_mcq_with'], 3)} | {f(r['heldout_ppl_without'], 2)} | {f(r['heldout_ppl_with'], 2)} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_report(rows: list[dict], header: list[str], plots: dict[tuple[str, str], str]) -> str:
@@ -323,7 +342,36 @@ def cell_columns(dims: list[str]) -> list[str]:
     return (["cell", "country", "code", "set", "optimizer", "seed", "budget", "evaluations", "naive_l1", "icl_l1",
              "aligned_l1", "ratio"] + [f"err_{d}" for d in dims]
             + ["search_seconds", "evals_to_half_naive", "seconds_to_half_naive", "status", "error"]
-            + [f"{p}_{d}" for p in ("target", "naive", "icl", "aligned") for d in dims] + ["aligned_option_mass"])
+            + [f"{p}_{d}" for p in ("target", "naive", "icl", "aligned") for d in dims] + ["aligned_option_mass"]
+            + HELDOUT_COLUMNS)
+
+
+# Held-out checks of a cell's soft prompt (`culturalign experiment --heldout`, cells/<cell>/heldout.json).
+HELDOUT_COLUMNS = ["heldout_l1_without", "heldout_l1_with", "heldout_para_a_kept", "heldout_para_b_kept",
+                   "heldout_reversed_kept", "heldout_mcq_without", "heldout_mcq_with", "heldout_ppl_without",
+                   "heldout_ppl_with"]
+
+
+def heldout_columns(result: dict | None) -> dict:
+    """The flat cells.csv columns of one cell's held-out result (all None when it has none)."""
+    row = dict.fromkeys(HELDOUT_COLUMNS)
+    if result is None:
+        return row
+    base = result["survey"]["original"]
+    row["heldout_l1_without"] = base["without"]["l1"]
+    row["heldout_l1_with"] = (base["with"] or {}).get("l1")
+    for v in result["survey"]["variants"]:
+        key = ("heldout_reversed_kept" if v["kind"] == "reversed options" else
+               "heldout_para_a_kept" if v["instrument"].endswith("-para-a") else
+               "heldout_para_b_kept" if v["instrument"].endswith("-para-b") else None)
+        if key:
+            row[key] = v["kept"]
+    m = result["mcq"]
+    row["heldout_mcq_without"] = m["without"]["accuracy"]
+    row["heldout_mcq_with"] = (m["with"] or {}).get("accuracy")
+    row["heldout_ppl_without"] = result["perplexity"]["without"]
+    row["heldout_ppl_with"] = result["perplexity"]["with"]
+    return row
 
 
 def write_outputs(out: Path, exp, rows: list[dict], curves: list[dict]) -> None:

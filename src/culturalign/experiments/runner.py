@@ -222,7 +222,11 @@ def cell_rows(state: CellState, result: dict | None, dims: list[str]) -> tuple[d
     return row, curves
 
 
+HELDOUT_FILE = "heldout.json"
+
+
 def collect(states: list[CellState], dims: list[str]) -> tuple[list[dict], list[dict]]:
+    from culturalign.experiments.report import heldout_columns
     from culturalign.files import read_json_file
 
     rows, curves = [], []
@@ -231,6 +235,9 @@ def collect(states: list[CellState], dims: list[str]) -> tuple[list[dict], list[
         if result is None and s.outcome.get("status", "finished") == "finished" and (s.out / "result.json").is_file():
             result = read_json_file(s.out / "result.json", f"cell {s.cell.name} result")
         row, curve = cell_rows(s, result, dims)
+        held = s.out / HELDOUT_FILE
+        row.update(heldout_columns(read_json_file(held, f"cell {s.cell.name} held-out checks")
+                                   if result is not None and held.is_file() else None))
         rows.append(row)
         curves += curve
     return rows, curves
@@ -284,3 +291,29 @@ def run_experiment(exp: Experiment, out: str | Path, executor, progress: Progres
             f"{first.outcome.get('status')}: {first.outcome.get('error')}); the others are in {str(out / 'cells.csv')!r}. "
             "Rerun the same command to retry them")
     return result
+
+
+def run_heldout_cells(exp: Experiment, out: str | Path, states: list[CellState], backend,
+                      on_cell: Callable[[CellState, int, int], None] | None = None) -> int:
+    """Held-out checks (`culturalign heldout`) of every finished cell that has none yet, written to
+    cells/<cell>/heldout.json; then cells.csv and report.md are rewritten with them. Returns how many ran."""
+    from culturalign.experiments.report import write_outputs
+    from culturalign.files import atomic_write_json
+    from culturalign.heldout.checks import run_heldout
+    from culturalign.softprompt import SoftPrompt
+
+    todo = [s for s in states if (s.out / "result.json").is_file() and not (s.out / HELDOUT_FILE).is_file()]
+    for i, s in enumerate(todo):
+        if on_cell is not None:
+            on_cell(s, i, len(todo))
+        cfg = s.cell.config
+        sp = SoftPrompt.load(s.out, backend.hidden_size)
+        result = run_heldout(backend, sp, s.cell.target, prompt=cfg.prompt, constants=cfg.constants,
+                             instrument=exp.instrument.source or exp.instrument.id)
+        atomic_write_json(s.out / HELDOUT_FILE, result)
+    for s in states:
+        if (s.out / "result.json").is_file():
+            s.outcome.setdefault("status", "finished")
+    rows, curves = collect(states, exp.dims)
+    write_outputs(Path(out), exp, rows, curves)
+    return len(todo)
