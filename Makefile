@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 install: $(VENV)/.installed
 
 # The main job on the embedded model: measure naive / persona / icl profiles, then align a soft
-# prompt with Differential Evolution (default settings; about 10 minutes on 2 CPU cores).
+# prompt with the default optimizer, DE (default settings; about 10 minutes on 2 CPU cores).
 demo: install
 	$(BIN)/culturalign survey --country $(COUNTRY) --prompt naive --prompt persona --prompt icl
 	rm -rf runs/demo-$(COUNTRY)
@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/fitness.py
 	$(BIN)/python benchmarks/alignment.py
 	$(BIN)/python benchmarks/committee.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
