@@ -32,125 +32,14 @@ from culturalign.files import atomic_write_json
 from culturalign.instrument import Instrument
 from culturalign.objective import FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
-from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, LoopState, Optimizer, RandomSearch,
-                                minimize)
-from culturalign.softprompt import INITS, Projection, SoftPrompt, embedding_std, initial_prompt
+from culturalign.search import OPTIMIZERS, LoopState, minimize  # noqa: F401
+from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt
 from culturalign.survey import Survey
 from culturalign.targets import Target
 
+from culturalign.config import POPULATION, AlignConfig, _finite  # noqa: F401  (re-exported: the align API)
+
 CHECKPOINT = "checkpoint.json"
-POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
-
-
-@dataclass
-class AlignConfig:
-    optimizer: str = "de"
-    budget: int = 160  # candidate evaluations (full surveys)
-    tokens: int = 32  # soft prompt length n
-    dim: int = 16  # DE search dimension d (z), n*hidden for no projection
-    seed: int = 0
-    projection_seed: int | None = None  # default: seed
-    init: str = "text"
-    init_text: str | None = None  # default: the persona sentence for the target
-    prompt: str = "naive"  # profile the soft prompt is prepended to
-    popsize: int = 6
-    mutation: float | tuple[float, float] = (0.5, 1.0)
-    crossover: float = 0.9
-    strategy: str = "best1bin"
-    bound: float = 1.0
-    sigma: float = 40.0  # std of A z per coordinate, in embedding stds (see README, measured choice)
-    lr: float = 0.02  # adam, adam-subspace
-    cma_sigma0: float = 0.3  # cmaes: initial step, as a fraction of the bound
-    dfols_rhobeg: float = 0.3  # dfols: initial trust-region radius, as a fraction of the bound
-    mass_floor: float = 0.5
-    mass_weight: float = 100.0
-    constants: dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> "AlignConfig":
-        """Check every field before any work starts; errors name the command-line flag."""
-        if self.optimizer not in OPTIMIZERS:
-            raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-        if self.init not in INITS:
-            raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
-        for flag, value in (("--budget", self.budget), ("--tokens", self.tokens), ("--dim", self.dim)):
-            if value < 1:
-                raise CulturalignError(f"{flag} must be at least 1, got {value}")
-        for flag, value in (("--seed", self.seed), ("--projection-seed", self.projection_seed)):
-            if value is not None and not 0 <= value < 2**32:
-                raise CulturalignError(f"{flag} must be between 0 and 2^32 - 1, got {value}")
-        _finite("--sigma", self.sigma, low=0.0, low_open=True)
-        _finite("--lr", self.lr, low=0.0, low_open=True)
-        _finite("--cma-sigma0", self.cma_sigma0, low=0.0, low_open=True)
-        _finite("--dfols-rhobeg", self.dfols_rhobeg, low=0.0, low_open=True, high=2.0)
-        _finite("--bound", self.bound, low=0.0, low_open=True)
-        _finite("--mass-floor", self.mass_floor, low=0.0, high=1.0)
-        _finite("--mass-weight", self.mass_weight, low=0.0)
-        if self.optimizer == "de":
-            self.de_config()
-            if self.budget < 2 * self.popsize:
-                raise CulturalignError(
-                    f"--budget {self.budget} is too small for a population of {self.popsize}: "
-                    f"need at least {2 * self.popsize} evaluations (initial population + one generation)"
-                )
-        elif self.optimizer in POPULATION:
-            if self.popsize < 2:
-                raise CulturalignError(f"--popsize must be at least 2 for {self.optimizer}, got {self.popsize}")
-            if self.budget < self.popsize:
-                raise CulturalignError(f"--budget {self.budget} is smaller than one batch of --popsize {self.popsize}")
-        elif self.optimizer == "dfols" and self.budget < self.dim + 2:
-            raise CulturalignError(
-                f"--budget {self.budget} is too small for dfols in {self.dim} dimensions: it needs {self.dim + 1} "
-                f"evaluations for its first model and one step, at least {self.dim + 2}"
-            )
-        if self.init_text is not None and not self.init_text.strip():
-            raise CulturalignError("--init-text is empty; give a sentence, or leave it out for the persona sentence")
-        return self
-
-    def de_config(self) -> DEConfig:
-        return DEConfig(self.popsize, self.mutation, self.crossover, self.strategy, self.bound).validate()
-
-    @property
-    def batch_size(self) -> int:
-        """Evaluations per batch: the budget is spent in whole batches."""
-        return self.popsize if self.optimizer in POPULATION else 1
-
-    @property
-    def uses_projection(self) -> bool:
-        return self.optimizer != "adam"
-
-    def make_optimizer(self, dim: int, x0=None) -> Optimizer:
-        """The configured method over `dim` coordinates (`x0`: adam's start, the flattened initial prompt)."""
-        o = self.optimizer
-        if o == "de":
-            return DE(dim, self.seed, self.de_config())
-        if o == "cmaes":
-            return CMAES(dim, self.seed, self.popsize, self.bound, self.cma_sigma0)
-        if o == "dfols":
-            return DFOLS(dim, self.seed, self.bound, self.dfols_rhobeg)
-        if o == "random":
-            return RandomSearch(dim, self.seed, self.popsize, self.bound)
-        return Adam(dim, self.seed, self.lr, x0)
-
-    @property
-    def proj_seed(self) -> int:
-        return self.seed if self.projection_seed is None else self.projection_seed
-
-
-def _finite(flag: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
-    """A finite number within [low, high] (or (low, high] when `low_open`), or one error naming the flag."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        if low is not None and high is not None:
-            want = f"a number in [{low:g}, {high:g}]"
-        elif low is not None:
-            want = f"a finite number {'>' if low_open else '>='} {low:g}"
-        else:
-            want = "a finite number"
-        raise CulturalignError(f"{flag} must be {want}, got {value}")
 
 
 def _fingerprint(cfg: AlignConfig, backend: Backend, target: Target, instrument: Instrument) -> dict:

@@ -74,7 +74,7 @@ OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de 
 
 
 def _align_defaults():
-    from culturalign.alignment import AlignConfig
+    from culturalign.config import AlignConfig  # light: no torch at start-up
 
     return AlignConfig()
 

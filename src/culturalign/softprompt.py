@@ -26,7 +26,7 @@ from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write, atomic_write_json
 
-INITS = ("text", "vocab", "random")
+from culturalign.config import INITS  # noqa: F401  (re-exported)
 META = "culturalign.json"
 
 

@@ -22,7 +22,7 @@ from culturalign.search.loop import LoopState, minimize
 from culturalign.search.protocol import Evaluation, Objective, Optimizer, ReplayOptimizer
 from culturalign.search.random import RandomSearch
 
-OPTIMIZERS = ("de", "cmaes", "dfols", "random", "adam", "adam-subspace")
+from culturalign.config import OPTIMIZERS  # noqa: E402
 BLACK_BOX = ("de", "cmaes", "dfols", "random")
 GRADIENT = ("adam", "adam-subspace")
 
