@@ -128,6 +128,19 @@ def _target(ctx: typer.Context, country, targets, target_file):
     return load_target(country, targets, target_file)
 
 
+def _emit_json(json_path: Optional[Path], data, announce: bool = True) -> Console:
+    """Write `data` to --json (a file, or standard output for '-') and return the console for the tables:
+    stderr when the JSON went to standard output, so that stays pure JSON."""
+    from culturalign.files import STDOUT, write_json_output
+
+    to_stdout = json_path is not None and str(json_path) == STDOUT
+    if json_path is not None:
+        write_json_output(json_path, data)
+        if announce and not to_stdout:
+            console.print(f"wrote {escape(str(json_path))}", highlight=False)
+    return console if to_stdout else out
+
+
 def _load(model: str, device: Optional[str]):
     from culturalign.backends import load_backend
 
@@ -188,7 +201,7 @@ def survey(
 
     Example: culturalign survey --country CN --prompt naive --prompt persona --prompt icl
     """
-    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.files import check_output_file
     from culturalign.instrument import load_instrument
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
@@ -242,13 +255,8 @@ def survey(
             if source is not None:
                 r.extra["soft_prompt"] = source
             results.append(r)
-    to_stdout = json_path is not None and str(json_path) == STDOUT
-    if json_path is not None:
-        data = [r.to_json() for r in results]
-        write_json_output(json_path, data[0] if len(data) == 1 else data)
-        if not to_stdout:
-            console.print(f"wrote {escape(str(json_path))}", highlight=False)
-    shown = console if to_stdout else out  # keep standard output pure JSON with --json -
+    data = [r.to_json() for r in results] if json_path is not None else None
+    shown = _emit_json(json_path, None if data is None else data[0] if len(data) == 1 else data)
     print_profiles(results, shown)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
@@ -536,7 +544,7 @@ def ask(
     Example: culturalign ask "How should I greet my host's parents?" --culture JP
     """
     from culturalign.committee.compose import SYSTEMS, check_options
-    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.files import check_output_file
     from culturalign.reports import print_answer
 
     if system not in SYSTEMS:
@@ -550,10 +558,7 @@ def ask(
     culture = committee.resolve_culture(culture)
     with console.status("asking ..."):
         answer = committee.ask(question, culture=culture, options=opts, system=system)
-    to_stdout = json_path is not None and str(json_path) == STDOUT
-    if json_path is not None:
-        write_json_output(json_path, answer.to_json())
-    print_answer(answer, console if to_stdout else out)
+    print_answer(answer, _emit_json(json_path, None if json_path is None else answer.to_json(), announce=False))
 
 
 SERVE_EPILOG = (
@@ -842,7 +847,7 @@ def mcq(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.files import check_output_file
     from culturalign.heldout.mcq import load_mcq, run_mcq
     from culturalign.heldout.tables import mcq_notes, mcq_table
     from culturalign.softprompt import SoftPrompt
@@ -869,12 +874,7 @@ def mcq(
         res = run_mcq(lm, qs, None if sp is None else sp.embeddings, target,
                       progress=lambda n: bar.update(task, completed=n))
     res = {"model": lm.name, "soft_prompt": None if sp is None else sp.source, **res}
-    to_stdout = json_path is not None and str(json_path) == STDOUT
-    if json_path is not None:
-        write_json_output(json_path, res)
-        if not to_stdout:
-            console.print(f"wrote {escape(str(json_path))}", highlight=False)
-    shown = console if to_stdout else out
+    shown = _emit_json(json_path, res)
     shown.print(mcq_table(res))
     for line in mcq_notes(res):
         shown.print(line, highlight=False, soft_wrap=True, markup=False)
@@ -903,7 +903,7 @@ def heldout(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from culturalign.files import STDOUT, check_output_file, write_json_output
+    from culturalign.files import check_output_file
     from culturalign.heldout import run_heldout
     from culturalign.heldout.mcq import load_mcq
     from culturalign.heldout.perplexity import load_text
@@ -940,12 +940,7 @@ def heldout(
     with bar:
         result = run_heldout(lm, sp, target, prompt=profile, constants=constants, mcq_file=mcq_file, progress=update,
                              instrument=instrument, text_file=text)
-    to_stdout = json_path is not None and str(json_path) == STDOUT
-    if json_path is not None:
-        write_json_output(json_path, result)
-        if not to_stdout:
-            console.print(f"wrote {escape(str(json_path))}", highlight=False)
-    shown = console if to_stdout else out
+    shown = _emit_json(json_path, result)
     shown.print(heldout_table(result))
     shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "
                 "the variant / the same on the original.", highlight=False, soft_wrap=True)
