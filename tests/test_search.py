@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, Evaluation, LoopState, RandomSearch,
-                                minimize)
+                                SGNConfig, SubspaceGaussNewton, minimize)
 
 DIM = 4
 TARGET = np.array([0.3, -0.2, 0.5, 0.1])
@@ -42,10 +42,13 @@ def make(name, seed=0):
         return DFOLS(DIM, seed)
     if name == "random":
         return RandomSearch(DIM, seed, popsize=6)
+    if name == "sgn":
+        return SubspaceGaussNewton(np.zeros(DIM), (2, 2), seed, SGN, token_norm=1.0)
     return Adam(DIM, seed, lr=0.05)
 
 
-NAMES = ["de", "cmaes", "dfols", "random", "adam"]
+SGN = SGNConfig(probes=4, steps=2, memory=1, directions="gaussian", max_norm=0)
+NAMES = ["de", "cmaes", "dfols", "random", "adam", "sgn"]
 
 
 def start_loss():
@@ -65,9 +68,10 @@ def test_every_method_improves_within_the_budget(name):
     assert h[-1]["evaluations"] == res.nfev
 
 
-def test_dfols_uses_the_residuals_to_solve_a_linear_problem():
-    """A linear residual model is DFO-LS's home ground: it must reach the optimum far closer than random search."""
-    res = minimize(Linear(), make("dfols"), 40)
+@pytest.mark.parametrize("name", ["dfols", "sgn"])
+def test_residual_methods_solve_a_linear_problem(name):
+    """A linear residual model is home ground for the Gauss-Newton methods: far closer to the optimum than random."""
+    res = minimize(Linear(), make(name), 40)
     floor = minimize(Linear(), make("random"), 40)
     assert res.fun < 1e-3 < floor.fun
 
@@ -75,6 +79,9 @@ def test_dfols_uses_the_residuals_to_solve_a_linear_problem():
 @pytest.mark.parametrize("name", NAMES)
 def test_budget_is_spent_in_whole_batches(name):
     res = minimize(Linear(), make(name), 20)
+    if name == "sgn":  # the start point, then probes (4) and steps (2) in turn: 1+4+2+4+2+4 = 17, +2 = 19
+        assert [e["evaluations"] for e in res.history] == [1, 5, 7, 11, 13, 17, 19]
+        return
     batch = 6 if name in ("de", "cmaes", "random") else 1
     assert res.nfev == 20 // batch * batch
 
@@ -96,7 +103,7 @@ def test_resume_from_a_json_checkpoint_is_bit_identical(name):
     minimize(Linear(), make(name), 24, checkpoint=lambda s: saved.append(json.loads(json.dumps(s.to_json()))))
     obj = Linear()
     rest = minimize(obj, make(name), 48, state=LoopState.from_json(saved[-1]))
-    assert obj.calls == 48 - saved[-1]["history"][-1]["evaluations"]  # replay makes no objective calls
+    assert obj.calls == whole.nfev - saved[-1]["history"][-1]["evaluations"]  # replay makes no objective calls
     timeless = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert timeless(rest.history) == timeless(whole.history)
     assert np.array_equal(rest.x, whole.x) and rest.fun == whole.fun
@@ -155,6 +162,8 @@ def test_non_finite_losses_never_become_the_best():
 
 
 def test_the_registry_names_every_method():
-    assert set(OPTIMIZERS) == {"de", "cmaes", "dfols", "random", "adam", "adam-subspace"}
-    assert Adam.needs_gradient and not any(c.needs_gradient for c in (DE, CMAES, DFOLS, RandomSearch))
-    assert CMAES.resume == DFOLS.resume == "replay" and DE.resume == RandomSearch.resume == Adam.resume == "native"
+    assert set(OPTIMIZERS) == {"de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace"}
+    black_box = (DE, CMAES, DFOLS, RandomSearch, SubspaceGaussNewton)
+    assert Adam.needs_gradient and not any(c.needs_gradient for c in black_box)
+    assert CMAES.resume == DFOLS.resume == "replay"
+    assert DE.resume == RandomSearch.resume == Adam.resume == SubspaceGaussNewton.resume == "native"

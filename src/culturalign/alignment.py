@@ -33,7 +33,7 @@ from culturalign.instrument import Instrument
 from culturalign.objective import FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
 from culturalign.search import OPTIMIZERS, LoopState, minimize  # noqa: F401
-from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt
+from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt, vocab_rows
 from culturalign.survey import Survey
 from culturalign.targets import Target
 
@@ -182,7 +182,7 @@ class Aligner:
             param = FullPrompt(p0)
             x0 = param.x0()
         objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight)
-        optimizer = cfg.make_optimizer(param.dim, x0)
+        optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend))
         loop_state = None
         if state:
             try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from culturalign.errors import CulturalignError
 
-OPTIMIZERS = ("de", "cmaes", "dfols", "random", "adam", "adam-subspace")
+OPTIMIZERS = ("de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace")
 POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 INITS = ("text", "vocab", "random")
 
@@ -36,6 +36,12 @@ class AlignConfig:
     lr: float = 0.02  # adam, adam-subspace
     cma_sigma0: float = 0.3  # cmaes: initial step, as a fraction of the bound
     dfols_rhobeg: float = 0.3  # dfols: initial trust-region radius, as a fraction of the bound
+    probes: int = 8  # sgn: directions probed per iteration (then `sgn_steps` step candidates)
+    sgn_steps: int = 3  # sgn: Gauss-Newton step candidates per iteration
+    directions: str = "vocab"  # sgn: vocab (towards real token embeddings) | gaussian | mixed
+    probe_size: float = 0.5  # sgn: probe length (fraction of the way to a real token, or real-token norms)
+    radius: float = 2.0  # sgn: initial trust radius, in real-token norms
+    max_norm: float = 1.5  # sgn: each soft token's norm <= max_norm x the median real-token norm (0 = no bound)
     mass_floor: float = 0.5
     mass_weight: float = 100.0
     constants: dict[str, float] = field(default_factory=dict)
@@ -71,6 +77,13 @@ class AlignConfig:
                 raise CulturalignError(f"--popsize must be at least 2 for {self.optimizer}, got {self.popsize}")
             if self.budget < self.popsize:
                 raise CulturalignError(f"--budget {self.budget} is smaller than one batch of --popsize {self.popsize}")
+        elif self.optimizer == "sgn":
+            self.sgn_config()
+            if self.budget < 1 + self.probes + self.sgn_steps:
+                raise CulturalignError(
+                    f"--budget {self.budget} is too small for sgn: one iteration needs {1 + self.probes + self.sgn_steps} "
+                    f"evaluations (the start, {self.probes} probes, {self.sgn_steps} steps)"
+                )
         elif self.optimizer == "dfols" and self.budget < self.dim + 2:
             raise CulturalignError(
                 f"--budget {self.budget} is too small for dfols in {self.dim} dimensions: it needs {self.dim + 1} "
@@ -85,20 +98,42 @@ class AlignConfig:
 
         return DEConfig(self.popsize, self.mutation, self.crossover, self.strategy, self.bound).validate()
 
+    def sgn_config(self):
+        from culturalign.search.sgn import SGNConfig
+
+        try:
+            return SGNConfig(probes=self.probes, steps=self.sgn_steps, directions=self.directions,
+                             probe_size=self.probe_size, radius=self.radius, max_radius=max(8.0, self.radius),
+                             max_norm=self.max_norm)
+        except CulturalignError as e:
+            flag = {"probes": "--probes", "steps": "--sgn-steps", "directions": "--directions",
+                    "probe_size": "--probe-size", "radius": "--radius", "max_norm": "--max-norm"}
+            msg = str(e)
+            for field_, f in flag.items():
+                msg = msg.replace(f"sgn {field_} ", f"{f} ", 1)
+            raise CulturalignError(msg) from None
+
     @property
     def batch_size(self) -> int:
-        """Evaluations per batch: the budget is spent in whole batches."""
+        """Evaluations per batch: the budget is spent in whole batches (sgn alternates probes and steps)."""
+        if self.optimizer == "sgn":
+            return self.probes
         return self.popsize if self.optimizer in POPULATION else 1
 
     @property
     def uses_projection(self) -> bool:
-        return self.optimizer != "adam"
+        return self.optimizer not in ("adam", "sgn")
 
-    def make_optimizer(self, dim: int, x0=None):
-        """The configured method over `dim` coordinates (`x0`: adam's start, the flattened initial prompt)."""
+    def make_optimizer(self, dim: int, x0=None, shape=None, vocab=None):
+        """The configured method over `dim` coordinates (`x0`: the flattened initial prompt, for the full-prompt
+        methods; `shape` (n, hidden) and `vocab` [V, hidden] real token embeddings: sgn's directions)."""
         from culturalign.search import CMAES, DE, DFOLS, Adam, RandomSearch
 
         o = self.optimizer
+        if o == "sgn":
+            from culturalign.search.sgn import SubspaceGaussNewton
+
+            return SubspaceGaussNewton(x0, shape, self.seed, self.sgn_config(), vocab)
         if o == "de":
             return DE(dim, self.seed, self.de_config())
         if o == "cmaes":

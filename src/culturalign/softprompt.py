@@ -134,6 +134,17 @@ def embedding_std(backend: Backend) -> float:
     return float(backend.embedding_table().std())
 
 
+VOCAB_ROWS = 8192  # the most frequent tokens (BPE ids are roughly in merge order): the pool of real tokens
+
+
+def vocab_rows(backend: Backend, n: int = VOCAB_ROWS):
+    """[V, hidden] float64 numpy: the embeddings of the first `n` vocabulary rows, without special tokens."""
+    table = backend.embedding_table()
+    special = set(getattr(backend.tokenizer, "all_special_ids", []) or [])
+    ids = [i for i in range(min(n, table.shape[0])) if i not in special]
+    return table[ids].double().numpy()
+
+
 def initial_prompt(backend: Backend, n: int, how: str = "text", text: str | None = None, seed: int = 0) -> torch.Tensor:
     """[n, hidden] starting prompt: a text's token embeddings (cycled/cut to n), sampled vocabulary rows, or noise."""
     if n < 1:

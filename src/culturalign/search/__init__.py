@@ -6,6 +6,7 @@
 | `cmaes`         | pycma                     | loss              | replay          |
 | `dfols`         | DFO-LS                    | index residuals   | replay          |
 | `random`        | uniform in the box        | loss              | native state    |
+| `sgn`           | own subspace Gauss-Newton | index residuals   | native state    |
 | `adam`          | torch Adam, full prompt   | loss + gradient   | native state    |
 | `adam-subspace` | torch Adam on z (p0 + Az) | loss + gradient   | native state    |
 
@@ -21,11 +22,12 @@ from culturalign.search.dfols import DFOLS
 from culturalign.search.loop import LoopState, minimize
 from culturalign.search.protocol import Evaluation, Objective, Optimizer, ReplayOptimizer
 from culturalign.search.random import RandomSearch
+from culturalign.search.sgn import SGNConfig, SubspaceGaussNewton
 
 from culturalign.config import OPTIMIZERS  # noqa: E402
-BLACK_BOX = ("de", "cmaes", "dfols", "random")
+BLACK_BOX = ("de", "sgn", "cmaes", "dfols", "random")
 GRADIENT = ("adam", "adam-subspace")
 
 __all__ = ["Adam", "CMAES", "DE", "DEConfig", "DFOLS", "DifferentialEvolution", "Evaluation", "LoopState", "Objective",
-           "Optimizer", "OPTIMIZERS", "BLACK_BOX", "GRADIENT", "RandomSearch", "ReplayOptimizer", "minimize",
+           "Optimizer", "OPTIMIZERS", "BLACK_BOX", "GRADIENT", "RandomSearch", "ReplayOptimizer", "SGNConfig", "SubspaceGaussNewton", "minimize",
            "minimize_de"]
