@@ -206,7 +206,7 @@ def survey(
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
     from culturalign.softprompt import SoftPrompt
-    from culturalign.survey import MODES, Survey
+    from culturalign.survey import MODES, Survey, uniform_result
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -255,9 +255,14 @@ def survey(
             if source is not None:
                 r.extra["soft_prompt"] = source
             results.append(r)
-    data = [r.to_json() for r in results] if json_path is not None else None
+    floor = uniform_result(inst, target, constants)  # the reference every profile is shown against (no model call)
+    data = None
+    if json_path is not None:
+        data = [{**r.to_json(), "reference": {"uniform": floor.to_json()}} for r in results]
     shown = _emit_json(json_path, None if data is None else data[0] if len(data) == 1 else data)
-    print_profiles(results, shown)
+    print_profiles(results + [floor], shown)
+    shown.print("uniform: every item answered 1/K over its options, no model call (the floor a profile must beat)",
+                highlight=False, soft_wrap=True)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
         shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
@@ -384,7 +389,7 @@ def align(
             console.print("[yellow]interrupted[/yellow] before the first generation finished; nothing was written",
                           highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
-    print_profiles(aligner.profiles, out)
+    print_profiles(aligner.profiles + ([aligner.uniform] if aligner.uniform is not None else []), out)
     console.print(f"soft prompt, result.json, report.md, radar.png, convergence.png -> {escape(str(out_dir))}", highlight=False)
 
 
