@@ -948,7 +948,8 @@ def heldout(
     shown = _emit_json(json_path, result)
     shown.print(heldout_table(result))
     shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "
-                "the variant / the same on the original.", highlight=False, soft_wrap=True)
+                "the variant / the same on the original; uniform = the L1 of an answerer that spreads every item evenly "
+                "over its options (no model), the floor.", highlight=False, soft_wrap=True)
     for v in result["survey"]["variants"]:
         if v["kept"] is None and v["kept_note"]:
             shown.print(f"gain kept on {v['instrument']}: {v['kept_note']}", highlight=False, soft_wrap=True, markup=False)
