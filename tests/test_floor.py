@@ -178,3 +178,42 @@ def test_specificity_matrix_summary_and_report_section(tmp_path):
     assert table[0] == "| target | set | naive | icl | de | adam | uniform |"
     assert "| Land B | s | 101.0 | 90.0 | 40.0 | 20.0 | 51.0 |" in table
     assert table[-1].startswith("| **aligned / uniform**, all targets | |") and table[-1].endswith("| 1.00 |")
+
+
+# ---- committee: the wrong-expert matrix and specificity ------------------------------------------------------------
+
+def test_wrong_expert_matrix_and_specificity_by_hand():
+    """Three cultures on two dimensions; expert C answers differently on the two paraphrase variants."""
+    from culturalign.committee.metrics import expert_matrix_rows, specificity, wrong_expert_rows
+
+    targets = {"A": Target("A", {"PDI": 50.0, "IDV": 50.0}), "B": Target("B", {"PDI": 0.0, "IDV": 100.0}),
+               "C": Target("C", {"PDI": 100.0, "IDV": 0.0})}
+    a, b = {"PDI": 50.0, "IDV": 50.0}, {"PDI": 0.0, "IDV": 100.0}
+    indices = {"v1": {"A": a, "B": b, "C": {"PDI": 20.0, "IDV": 80.0}},
+               "v2": {"A": a, "B": b, "C": {"PDI": 100.0, "IDV": 0.0}}}
+    rows = expert_matrix_rows(indices, targets, ["A", "B", "C"])
+    assert len(rows) == 2 * 3 * 3
+    got = {(r["variant"], r["culture"], r["expert"]): r["alignment"] for r in rows}
+    assert got[("v1", "A", "C")] == pytest.approx(1 - 60 / 200) and got[("v1", "C", "B")] == 0.0
+    assert got[("v2", "C", "C")] == 1.0 and got[("v1", "C", "C")] == pytest.approx(0.2)
+
+    spec, csv_rows = specificity(rows)
+    assert spec["experts"] == spec["cultures"] == ["A", "B", "C"]
+    np.testing.assert_allclose(spec["alignment"], [[1.0, 0.5, 0.6], [0.5, 1.0, 0.4], [0.5, 0.0, 0.6]])
+    per = spec["per_culture"]
+    assert per["A"]["own"] == 1.0 and per["A"]["wrong_mean"] == pytest.approx(0.55)
+    assert per["B"]["specificity"] == pytest.approx(0.55) and per["C"]["specificity"] == pytest.approx(0.35)
+    assert per["C"]["best_expert"] == "C" and per["C"]["own_is_best"]  # C ties nobody: 0.6 > 0.5 > 0.0
+    assert spec["mean"] == pytest.approx((0.45 + 0.55 + 0.35) / 3) and spec["own_best"] == 3 and spec["n_cultures"] == 3
+    assert list(csv_rows[0]) == ["culture", "A", "B", "C", "own", "wrong_mean", "specificity", "best_expert"]
+
+    wrong = {(r["culture"], r["variant"]): r for r in wrong_expert_rows(rows)}
+    assert wrong[("A", "v1")]["alignment"] == pytest.approx((0.5 + 0.7) / 2)
+    assert wrong[("A", "v2")]["alignment"] == pytest.approx(0.5) and wrong[("C", "v1")]["alignment"] == 0.25
+    assert wrong[("C", "v1")]["experts"] == "A|B" and all(r["system"] == "wrong-expert" for r in wrong.values())
+    assert wrong[("B", "v1")]["l1"] == pytest.approx((100 + 40) / 2)  # B (0, 100) from A (50, 50) and from C (20, 80)
+
+    # only v1: C's own expert is no longer best (A aligns better with C), so 2 of 3
+    spec1, _ = specificity([r for r in rows if r["variant"] == "v1"])
+    assert spec1["per_culture"]["C"]["best_expert"] == "A" and not spec1["per_culture"]["C"]["own_is_best"]
+    assert spec1["own_best"] == 2 and spec1["mean"] == pytest.approx((0.4 + 0.35 - 0.05) / 3)

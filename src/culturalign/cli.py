@@ -659,7 +659,8 @@ def committee_eval(
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
-    """Measure naive, persona, single-expert and committee systems with one set of metric definitions.
+    """Measure naive, persona, single-expert and committee systems with one set of metric definitions, next to
+    two references: the uniform floor and the wrong expert (each culture served by the other experts).
 
     Example: culturalign committee eval --out runs/committee
     """
@@ -667,7 +668,7 @@ def committee_eval(
 
     from culturalign.committee.metrics import EvalConfig, Evaluator
     from culturalign.committee.queries import load_queries
-    from culturalign.committee.report import metrics_table, router_lines, write_eval
+    from culturalign.committee.report import metrics_table, router_lines, specificity_lines, write_eval
     from culturalign.files import check_output_dir
     from culturalign.targets import load_target
 
@@ -704,10 +705,11 @@ def committee_eval(
                 "heldout_cultures": held, "queries": str(queries) if queries else "shipped", "open_limit": open_limit,
                 "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens}
     write_eval(out_dir, result, settings)
-    for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]):
+    spec = specificity_lines(result.metrics.get("specificity"))
+    for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]) + ([""] + spec if spec else []):
         out.print(line, highlight=False, soft_wrap=True, markup=False)
-    console.print(f"metrics.json, results.csv, alignment.csv, diversity.csv, report.md, plots -> {escape(str(out_dir))}",
-                  highlight=False)
+    console.print(f"metrics.json, results.csv, alignment.csv, diversity.csv, specificity.csv, report.md, plots -> "
+                  f"{escape(str(out_dir))}", highlight=False)
 
 
 def _registry_target(expert):
