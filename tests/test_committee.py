@@ -299,3 +299,21 @@ def test_committee_eval_on_a_small_query_set(tiny_lm, registry_dir, tmp_path):
     assert "## Specificity" in report and f"**{spec['own_best']} of 3**" in report
     lines = (tmp_path / "out" / "specificity.csv").read_text().splitlines()
     assert lines[0] == "culture,CN,JP,US,own,wrong_mean,specificity,best_expert" and len(lines) == 4
+
+
+def test_committee_eval_command_prints_the_references(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatch):
+    from culturalign.cli import run
+
+    monkeypatch.setenv("COLUMNS", "200")
+    reg = make_registry(tmp_path / "reg", tiny_lm, model=str(tiny_dir))
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "u1", "kind": "likert", "text": "How important is thrift?", "options": OPTIONS[:3],
+                                 "culture": None, "culture_dependent": True}))
+    code = run(["committee", "eval", "--out", str(tmp_path / "out"), "--model", str(tiny_dir), "--experts", str(reg),
+                "--queries", str(qfile), "--open-limit", "0", "--heldout", "FR"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| uniform |" in out and "| wrong-expert |" in out and "the own expert is the best expert for" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["reference_systems"] == ["uniform", "wrong-expert"] and metrics["specificity"]["n_cultures"] == 3
+    assert (tmp_path / "out" / "specificity.png").read_bytes()[:4] == b"\x89PNG"
