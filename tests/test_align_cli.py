@@ -68,7 +68,7 @@ def test_cli_align(runner, tiny_dir, tmp_path, popsize, budget):
     table = r.stdout
     for word in ("China", "naive", "icl", "aligned", "L1", "PDI", "IVR"):
         assert word in table, word
-    for name in ("naive", "icl", "aligned"):
+    for name in ("naive", "icl", "aligned", "uniform"):
         assert f"{res['profiles'][name]['l1']:.1f}" in table, name
     assert str(out) in r.output.replace("\n", "")
 

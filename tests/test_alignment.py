@@ -143,6 +143,15 @@ def test_de_run_writes_all_outputs(de_run, tiny_lm, target):
     for name in ("naive", "icl", "aligned"):
         check_profile(result["profiles"][name], name, target)
     assert len(seen) == len(result["history"]) and all(i["budget"] == 3 * POP for i in seen)
+    # the uniform floor: every item 1/5, scored with the run's constants, compared with the aligned L1 in the report
+    assert list(result["profiles"]) == ["naive", "icl", "aligned", "uniform"]
+    u = result["profiles"]["uniform"]
+    assert (u["prompt"], u["mode"], u["model"]) == ("uniform", "uniform", "uniform")
+    assert u["indices"] == s["constants"] and u["mean_option_mass"] == 1.0 and u["target"] == target.to_json()
+    assert u["l1"] == sum(target.scores.values())
+    a = result["profiles"]["aligned"]
+    assert f"aligned / uniform {a['l1'] / u['l1']:.2f}" in report and f"L1 {u['l1']:.1f}" in report
+    assert "| dim | target | naive | icl | aligned | uniform |" in report
 
 
 def test_de_history(de_run, tiny_lm, vsm, target, tmp_path):

@@ -120,6 +120,15 @@ def test_survey_json_contract(runner, tiny_dir, tmp_path):
     assert p["l1"] == pytest.approx(sum(abs(p["indices"][d] - p["target"]["scores"][d]) for d in DIMS), abs=1e-6)
     assert [x.name for x in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
     assert "PDI" in r.stdout  # the table
+    # the uniform floor, in the same schema, as the last key: every item 1/5, indices = C, no model
+    assert list(p)[-1] == "reference" and list(p["reference"]) == ["uniform"]
+    u = p["reference"]["uniform"]
+    check_profile(u, "uniform", mode="uniform")
+    assert u["model"] == "uniform" and u["mean_option_mass"] == 1.0 and "reference" not in u
+    assert all(it["probs"] == [0.2] * 5 and it["mean"] == 3.0 for it in u["items"])
+    assert u["indices"] == {d: 0.0 for d in DIMS} and u["target"] == p["target"]
+    assert u["l1"] == 80 + 20 + 66 + 30 + 87 + 24  # |China - 0| summed
+    assert "uniform" in r.stdout and f"{u['l1']:.1f}" in r.stdout
 
 
 def test_survey_matches_library(runner, tiny_dir, tiny_lm, vsm, tmp_path):
@@ -135,6 +144,8 @@ def test_survey_matches_library(runner, tiny_dir, tiny_lm, vsm, tmp_path):
     np.testing.assert_allclose([it["probs"] for it in p["items"]], [it["probs"] for it in ref.items], atol=1e-6)
     assert p["indices"] == pytest.approx(ref.indices, abs=1e-4)
     assert p["l1"] == pytest.approx(ref.l1, abs=1e-4)
+    assert p["reference"]["uniform"]["indices"] == p["constants"]  # the floor scores C on every index
+    assert [k for k in p if k != "reference"] == list(ref.to_json())  # the profile's own keys, as before
 
 
 def test_survey_several_prompts(runner, tiny_dir, tmp_path):
@@ -146,6 +157,7 @@ def test_survey_several_prompts(runner, tiny_dir, tmp_path):
     assert isinstance(data, list) and len(data) == 3
     for p, name in zip(data, ("naive", "persona", "icl")):
         check_profile(p, name)
+        assert p["reference"]["uniform"] == data[0]["reference"]["uniform"]  # one floor for every profile
     assert data[0]["items"] != data[1]["items"]
 
 

@@ -260,8 +260,60 @@ def test_committee_eval_on_a_small_query_set(tiny_lm, registry_dir, tmp_path):
         if s == "committee":
             assert val == pytest.approx(reg_rows[("expert", cu, v)])
     assert result.metrics["router"]["tagged_queries"] == 2
+    # the reference systems: the uniform floor (C = 0: alignment 1 - sum of the scores / 600) and the wrong expert
+    assert result.metrics["systems"] == ["naive", "persona", "expert", "committee"]
+    assert result.metrics["reference_systems"] == ["uniform", "wrong-expert"]
+    u = m["uniform"]
+    floor = {code: 1 - sum(targets[code].scores.values()) / 600 for code in targets}
+    assert u["alignment_registry"]["mean"] == pytest.approx(np.mean([floor[k] for k in ("CN", "JP", "US")]))
+    assert u["alignment_heldout"]["mean"] == pytest.approx(floor["FR"]) and u["alignment_heldout"]["n"] == 2
+    assert u["diversity_bits"]["mean"] == pytest.approx(0.0, abs=1e-12) and u["diversity_bits"]["n"] == 2  # 2 untagged
+    assert u["queries"] == 0
+    assert u["completeness"] is None and u["latency_ratio_to_naive"] is None
+    spec = result.metrics["specificity"]
+    assert spec["experts"] == spec["cultures"] == ["CN", "JP", "US"] and spec["n_cultures"] == 3
+    own_rows = {cu: np.mean([val for (s, c2, v), val in reg_rows.items() if s == "expert" and c2 == cu]) for cu in spec["cultures"]}
+    for i, cu in enumerate(spec["cultures"]):
+        # the diagonal (computed once per expert, scored against every culture) is the expert system's alignment
+        assert spec["alignment"][i][i] == pytest.approx(own_rows[cu], abs=1e-9)
+        others = [spec["alignment"][i][j] for j in range(3) if j != i]
+        per = spec["per_culture"][cu]
+        assert per["wrong_mean"] == pytest.approx(np.mean(others))
+        assert per["specificity"] == pytest.approx(own_rows[cu] - np.mean(others))
+        assert per["own_is_best"] == (own_rows[cu] >= max(others))
+        wrong = [r["alignment"] for r in result.alignment_rows if r["system"] == "wrong-expert" and r["culture"] == cu]
+        assert len(wrong) == 2 and np.mean(wrong) == pytest.approx(np.mean(others))
+    assert m["wrong-expert"]["alignment_registry"]["n"] == 6 and m["wrong-expert"]["alignment_heldout"]["n"] == 0
+    assert spec["own_best"] == sum(v["own_is_best"] for v in spec["per_culture"].values())
+    # the four systems' rows come first, as before; the references are appended
+    systems = [r["system"] for r in result.alignment_rows]
+    assert systems[:2 * 4 * 4] == [s for _ in range(2) for _ in range(4) for s in ("naive", "persona", "expert", "committee")]
+    assert set(systems[2 * 4 * 4:]) == {"uniform", "wrong-expert"}
     write_eval(tmp_path / "out", result, {"model": "tiny", "registry_cultures": ["CN", "JP", "US"], "heldout_cultures": ["FR"]})
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["alignment.csv", "alignment.png", "diversity.csv", "latency.png", "metrics.json", "report.md", "results.csv"]
+    assert names == ["alignment.csv", "alignment.png", "diversity.csv", "latency.png", "metrics.json", "report.md", "results.csv",
+                     "specificity.csv", "specificity.png"]
     json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=lambda x: pytest.fail(x))
-    assert "| committee |" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| committee |" in report and "| uniform |" in report and "| wrong-expert |" in report
+    assert "## Specificity" in report and f"**{spec['own_best']} of 3**" in report
+    lines = (tmp_path / "out" / "specificity.csv").read_text().splitlines()
+    assert lines[0] == "culture,CN,JP,US,own,wrong_mean,specificity,best_expert" and len(lines) == 4
+
+
+def test_committee_eval_command_prints_the_references(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatch):
+    from culturalign.cli import run
+
+    monkeypatch.setenv("COLUMNS", "200")
+    reg = make_registry(tmp_path / "reg", tiny_lm, model=str(tiny_dir))
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "u1", "kind": "likert", "text": "How important is thrift?", "options": OPTIONS[:3],
+                                 "culture": None, "culture_dependent": True}))
+    code = run(["committee", "eval", "--out", str(tmp_path / "out"), "--model", str(tiny_dir), "--experts", str(reg),
+                "--queries", str(qfile), "--open-limit", "0", "--heldout", "FR"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| uniform |" in out and "| wrong-expert |" in out and "the own expert is the best expert for" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["reference_systems"] == ["uniform", "wrong-expert"] and metrics["specificity"]["n_cultures"] == 3
+    assert (tmp_path / "out" / "specificity.png").read_bytes()[:4] == b"\x89PNG"

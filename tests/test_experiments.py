@@ -225,7 +225,9 @@ def test_run_writes_the_folder(grid_run):
 def test_cells_csv(grid_run):
     exp, out, _, _ = grid_run
     rows = read_csv(out / "cells.csv")
-    assert list(rows[0]) == cell_columns(DIMS)
+    keys = ["CN-hofstede-2015", "US-hofstede-2015", "SA-hofstede-2023"]
+    assert list(rows[0]) == cell_columns(DIMS, keys)
+    assert cell_columns(DIMS, keys)[:len(cell_columns(DIMS))] == cell_columns(DIMS)  # new columns only appended
     for col in ("country", "code", "set", "optimizer", "seed", "budget", "evaluations", "naive_l1", "icl_l1", "aligned_l1",
                 "ratio", "search_seconds", "evals_to_half_naive", "seconds_to_half_naive", "status",
                 *[f"err_{d}" for d in DIMS]):
@@ -247,6 +249,14 @@ def test_cells_csv(grid_run):
         half = p["naive"]["l1"] / 2
         hit = [h for h in res["history"] if h.get("best_l1", h["best_loss"]) <= half]
         assert r["evals_to_half_naive"] == (str(hit[0]["evaluations"]) if hit else "")
+        # the uniform floor, and the aligned profile against every grid target (its own column is its L1)
+        assert float(r["uniform_l1"]) == p["uniform"]["l1"] == sum(target.values())
+        assert float(r["ratio_uniform"]) == pytest.approx(p["aligned"]["l1"] / p["uniform"]["l1"])
+        own = f"{r['code']}-{r['set']}"
+        assert float(r[f"l1_to_{own}"]) == float(r["aligned_l1"])
+        l1s = {k: float(r[f"l1_to_{k}"]) for k in keys}
+        assert int(r["own_rank"]) == 1 + sum(v < l1s[own] for v in l1s.values())
+        assert float(r["specificity"]) == pytest.approx(sum(v for k, v in l1s.items() if k != own) / 2 - l1s[own])
     assert {r["budget"] for r in rows if r["optimizer"] == "adam"} == {"2"}
     sa = [r for r in rows if r["code"] == "SA"]  # the 2023 set publishes all six for Saudi Arabia
     assert sa and all(r["set"] == "hofstede-2023" and r["err_PDI"] != "" for r in sa)
@@ -272,6 +282,10 @@ def test_report(grid_run):
         assert needle in text, needle
     for t in exp.targets:
         png = out / "plots" / f"convergence-{t.iso2}-{t.set_name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png.name}" in text
+    assert "## Specificity: each aligned profile against every grid target" in text and "| *uniform* |" in text
+    for opt in ("de", "adam"):
+        png = out / "plots" / f"specificity-{opt}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png.name}" in text
     kendall_rows = [ln for ln in text.splitlines() if ln.startswith("| PDI |")]
     assert len(kendall_rows) == 2 and "undefined (no variation)" in kendall_rows[1]  # naive: same for every target

@@ -434,6 +434,9 @@ def test_run_heldout_result(heldout_result, tiny_lm):
         assert v["without"]["l1"] == pytest.approx(s.result().l1, abs=1e-9)
         assert v["with"]["l1"] == pytest.approx(s.result(sp.embeddings).l1, abs=1e-9)
         assert v["gain"] == pytest.approx(v["without"]["l1"] - v["with"]["l1"])
+        # the uniform floor on each instrument: every item 1/5, C = 0, so the L1 is China's scores summed
+        zero = dict.fromkeys(["PDI", "IDV", "MAS", "UAI", "LTO", "IVR"], 0.0)
+        assert v["uniform"] == {"l1": 80 + 20 + 66 + 30 + 87 + 24, "indices": zero}
     for v in res["survey"]["variants"]:
         if base["gain"] > 0:
             assert v["kept"] == pytest.approx(v["gain"] / base["gain"]) and v["kept_note"] is None
@@ -454,13 +457,14 @@ def test_heldout_markdown(heldout_result):
     md = heldout_markdown(res)
     lines = md.splitlines()
     table = [ln for ln in lines if ln.startswith("| ")]
-    assert table[0] == "| check | without | with soft prompt | change | gain kept |"
+    assert table[0] == "| check | without | with soft prompt | change | gain kept | uniform |"
     assert len(table) == 1 + 4 + 5  # header, 4 L1 rows, MCQ (all, China, P(correct), prior), perplexity
     l1 = res["survey"]["original"]["without"]["l1"]
     assert f"| L1 vsm2013 (aligned on) | {l1:.1f} |" in md
     para_a = res["survey"]["variants"][0]
     kept = f"{para_a['kept']:.2f}" if para_a["kept"] is not None else "n/a"
-    assert table[2].startswith("| L1 vsm2013-para-a (paraphrase) |") and table[2].endswith(f"| {kept} |")
+    assert table[2].startswith("| L1 vsm2013-para-a (paraphrase) |") and table[2].endswith(f"| {kept} | 307.0 |")
+    assert table[-1].endswith("|  |  |")  # perplexity: no gain kept, no floor
     assert f"x{res['perplexity']['ratio']:.2f}" in md and "a soft prompt of 4 tokens" in lines[0]
 
 

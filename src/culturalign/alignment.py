@@ -2,7 +2,7 @@
 
 One run = one output folder:
     adapter_config.json, adapter_model.safetensors, culturalign.json   the soft prompt (PEFT format)
-    result.json        settings, naive / icl / aligned profiles (survey schema), per-generation history
+    result.json        settings, naive / icl / aligned / uniform profiles (survey schema), per-generation history
     report.md, radar.png, convergence.png
     checkpoint.json    optimiser state after every generation (atomic); `resume=True` continues it, and a
                        finished run (its checkpoint says so) can be extended with a larger budget
@@ -34,7 +34,7 @@ from culturalign.objective import FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
 from culturalign.search import OPTIMIZERS, LoopState, minimize  # noqa: F401
 from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt, vocab_rows
-from culturalign.survey import Survey
+from culturalign.survey import Survey, uniform_result
 from culturalign.targets import Target
 
 from culturalign.config import POPULATION, AlignConfig, _finite  # noqa: F401  (re-exported: the align API)
@@ -118,6 +118,7 @@ class Aligner:
         self.survey = Survey(backend, instrument, config.prompt, target, config.constants)
         self.fingerprint = _fingerprint(config, backend, target, instrument)
         self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
+        self.uniform = None  # and the uniform floor (`survey.uniform_result`)
         self.state = self._prepare_out()
         self.t_start = 0.0
         self.message = ""
@@ -236,12 +237,14 @@ class Aligner:
         naive = Survey(self.backend, self.instrument, "naive", self.target, self.cfg.constants).result(label="naive")
         icl = Survey(self.backend, self.instrument, "icl", self.target, self.cfg.constants).result(label="icl")
         aligned = self.survey.result(best, label="aligned")
+        uniform = uniform_result(self.instrument, self.target, self.survey.constants)  # the floor, no model call
         result = {
             "culturalign_version": __version__,
             "settings": {**asdict(self.cfg), "projection_seed": self.cfg.proj_seed, "model": self.backend.name,
                          "instrument": self.instrument.id, "target": self.target.to_json(),
                          "constants": self.survey.constants},
-            "profiles": {"naive": naive.to_json(), "icl": icl.to_json(), "aligned": aligned.to_json()},
+            "profiles": {"naive": naive.to_json(), "icl": icl.to_json(), "aligned": aligned.to_json(),
+                         "uniform": uniform.to_json()},
             "history": history,
             "evaluations": history[-1]["evaluations"],
             "best_loss": history[-1]["best_loss"],
@@ -251,6 +254,7 @@ class Aligner:
         }
         atomic_write_json(self.out / "result.json", result)
         self.profiles = [naive, icl, aligned]
-        write_report(self.out, result, self.profiles)
+        self.uniform = uniform
+        write_report(self.out, result, self.profiles, uniform)
         self._checkpoint(final.optimizer, history, finished=True, seconds=round(search_seconds, 2), best=final.best)
         return result

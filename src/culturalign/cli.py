@@ -206,7 +206,7 @@ def survey(
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
     from culturalign.softprompt import SoftPrompt
-    from culturalign.survey import MODES, Survey
+    from culturalign.survey import MODES, Survey, uniform_result
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -255,9 +255,14 @@ def survey(
             if source is not None:
                 r.extra["soft_prompt"] = source
             results.append(r)
-    data = [r.to_json() for r in results] if json_path is not None else None
+    floor = uniform_result(inst, target, constants)  # the reference every profile is shown against (no model call)
+    data = None
+    if json_path is not None:
+        data = [{**r.to_json(), "reference": {"uniform": floor.to_json()}} for r in results]
     shown = _emit_json(json_path, None if data is None else data[0] if len(data) == 1 else data)
-    print_profiles(results, shown)
+    print_profiles(results + [floor], shown)
+    shown.print("uniform: every item answered 1/K over its options, no model call (the floor a profile must beat)",
+                highlight=False, soft_wrap=True)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
         shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
@@ -384,7 +389,7 @@ def align(
             console.print("[yellow]interrupted[/yellow] before the first generation finished; nothing was written",
                           highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
-    print_profiles(aligner.profiles, out)
+    print_profiles(aligner.profiles + ([aligner.uniform] if aligner.uniform is not None else []), out)
     console.print(f"soft prompt, result.json, report.md, radar.png, convergence.png -> {escape(str(out_dir))}", highlight=False)
 
 
@@ -654,7 +659,8 @@ def committee_eval(
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
-    """Measure naive, persona, single-expert and committee systems with one set of metric definitions.
+    """Measure naive, persona, single-expert and committee systems with one set of metric definitions, next to
+    two references: the uniform floor and the wrong expert (each culture served by the other experts).
 
     Example: culturalign committee eval --out runs/committee
     """
@@ -662,7 +668,7 @@ def committee_eval(
 
     from culturalign.committee.metrics import EvalConfig, Evaluator
     from culturalign.committee.queries import load_queries
-    from culturalign.committee.report import metrics_table, router_lines, write_eval
+    from culturalign.committee.report import metrics_table, router_lines, specificity_lines, write_eval
     from culturalign.files import check_output_dir
     from culturalign.targets import load_target
 
@@ -699,10 +705,11 @@ def committee_eval(
                 "heldout_cultures": held, "queries": str(queries) if queries else "shipped", "open_limit": open_limit,
                 "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens}
     write_eval(out_dir, result, settings)
-    for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]):
+    spec = specificity_lines(result.metrics.get("specificity"))
+    for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]) + ([""] + spec if spec else []):
         out.print(line, highlight=False, soft_wrap=True, markup=False)
-    console.print(f"metrics.json, results.csv, alignment.csv, diversity.csv, report.md, plots -> {escape(str(out_dir))}",
-                  highlight=False)
+    console.print(f"metrics.json, results.csv, alignment.csv, diversity.csv, specificity.csv, report.md, plots -> "
+                  f"{escape(str(out_dir))}", highlight=False)
 
 
 def _registry_target(expert):
@@ -943,7 +950,8 @@ def heldout(
     shown = _emit_json(json_path, result)
     shown.print(heldout_table(result))
     shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "
-                "the variant / the same on the original.", highlight=False, soft_wrap=True)
+                "the variant / the same on the original; uniform = the L1 of an answerer that spreads every item evenly "
+                "over its options (no model), the floor.", highlight=False, soft_wrap=True)
     for v in result["survey"]["variants"]:
         if v["kept"] is None and v["kept_note"]:
             shown.print(f"gain kept on {v['instrument']}: {v['kept_note']}", highlight=False, soft_wrap=True, markup=False)

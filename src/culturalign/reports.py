@@ -92,7 +92,7 @@ def convergence_plot(path, history: list[dict], baselines: dict[str, float | Non
     ev = [h["evaluations"] for h in history]
     ax.plot(ev, [h["best_loss"] for h in history], marker="o", markersize=3, label="best loss")
     ax.plot(ev, [h["mean_loss"] for h in history], alpha=0.5, label="mean loss (population / step)")
-    for (name, value), color in zip(baselines.items(), ["tab:gray", "tab:blue"]):
+    for (name, value), color in zip(baselines.items(), ["tab:gray", "tab:blue", "black"]):
         if value is not None:
             ax.axhline(value, linestyle="--", color=color, label=f"{name} L1 ({value:.1f})")
     ax.set_xlabel("candidate evaluations (full surveys)")
@@ -104,32 +104,42 @@ def convergence_plot(path, history: list[dict], baselines: dict[str, float | Non
     plt.close(fig)
 
 
-def write_report(out, result: dict, profiles: list[SurveyResult]) -> None:
-    """radar.png, convergence.png and report.md in `out`."""
+def write_report(out, result: dict, profiles: list[SurveyResult], uniform: SurveyResult | None = None) -> None:
+    """radar.png, convergence.png and report.md in `out`. `profiles`: naive first, aligned last; `uniform`: the
+    floor (`survey.uniform_result`), shown as one more column and line, and compared with the aligned L1."""
     from pathlib import Path
 
     out = Path(out)
-    radar_plot(out / "radar.png", profiles)
-    convergence_plot(out / "convergence.png", result["history"], {p.prompt: p.l1 for p in profiles[:2]})
+    shown = profiles + ([uniform] if uniform is not None else [])
+    radar_plot(out / "radar.png", shown)
+    baselines = {p.prompt: p.l1 for p in profiles[:2]}
+    if uniform is not None:
+        baselines[uniform.prompt] = uniform.l1
+    convergence_plot(out / "convergence.png", result["history"], baselines)
     s, target = result["settings"], profiles[0].target
     dims = list(profiles[0].indices)
     lines = [
         f"# Cultural alignment of {s['model']} to {target.name}", "",
         f"Instrument {s['instrument']}, target set {target.set_name or 'custom'}, optimiser {s['optimizer']}, "
         f"{result['evaluations']} candidate evaluations in {result['search_seconds']} s, seed {s['seed']}.", "",
-        "| dim | target | " + " | ".join(p.prompt for p in profiles) + " |",
-        "|---|---:|" + "---:|" * len(profiles),
+        "| dim | target | " + " | ".join(p.prompt for p in shown) + " |",
+        "|---|---:|" + "---:|" * len(shown),
     ]
     for d in dims:
         t = fmt(target.scores.get(d)) if d in target.scores else "n/a"
-        lines.append(f"| {d} | {t} | " + " | ".join(fmt(p.indices[d]) for p in profiles) + " |")
-    lines.append("| **L1** | | " + " | ".join(f"**{fmt(p.l1)}**" for p in profiles) + " |")
-    lines.append("| option mass | | " + " | ".join(f"{p.mean_option_mass:.3f}" for p in profiles) + " |")
+        lines.append(f"| {d} | {t} | " + " | ".join(fmt(p.indices[d]) for p in shown) + " |")
+    lines.append("| **L1** | | " + " | ".join(f"**{fmt(p.l1)}**" for p in shown) + " |")
+    lines.append("| option mass | | " + " | ".join(f"{p.mean_option_mass:.3f}" for p in shown) + " |")
     naive_l1, aligned_l1 = profiles[0].l1, profiles[-1].l1
     lines += [""]
     if naive_l1:
         lines.append(f"The aligned soft prompt reduces the L1 distance by {100 * (1 - aligned_l1 / naive_l1):.0f}% "
                      f"relative to the naive model ({fmt(naive_l1)} -> {fmt(aligned_l1)}).")
+    if uniform is not None and uniform.l1:
+        ratios = f"aligned / uniform {aligned_l1 / uniform.l1:.2f}" + (f", aligned / naive {aligned_l1 / naive_l1:.2f}"
+                                                                       if naive_l1 else "")
+        lines.append(f"The uniform answerer (every item 1/K over its options, no model call) has L1 {fmt(uniform.l1)}: "
+                     f"{ratios}. Below 1 means the aligned profile is closer to {target.name} than even answers are.")
     if profiles[0].missing_dims:
         lines.append(f"{target.name} has no published {', '.join(profiles[0].missing_dims)}; L1 covers {', '.join(profiles[0].l1_dims)}.")
     consts = ", ".join(f"{k}={v:g}" for k, v in s["constants"].items())

@@ -123,6 +123,29 @@ class SurveyResult:
         }
 
 
+UNIFORM = "uniform"  # the floor profile's prompt and mode: every item answered 1/K over its K options
+
+
+def uniform_result(instrument: Instrument, target: Target | None = None, constants: dict[str, float] | None = None,
+                   model: str = UNIFORM) -> SurveyResult:
+    """The floor: the profile of an answerer that spreads every item evenly over its K options (p = 1/K), no model call.
+
+    It is scored through the instrument's own formulas (`Instrument.score_dict`) with `constants` C (default: the
+    instrument's), so on the VSM, whose indices are differences of item means, it scores C on every index. Its L1
+    to a target is what a prompt must beat to know more than "no answer". Option mass 1.0, prompt and mode
+    "uniform"; `model` names it "uniform" unless told otherwise.
+    """
+    constants = instrument.constants(constants)
+    k = len(instrument.codes)
+    probs = np.full((len(instrument.items), k), 1.0 / k)
+    means = probs @ np.asarray(instrument.codes, dtype=float)
+    items = [{"id": it.id, "probs": [round(float(x), 6) for x in p], "mean": round(float(m), 6), "option_mass": 1.0}
+             for it, p, m in zip(instrument.items, probs, means)]
+    return SurveyResult(model=model, instrument=instrument.id, prompt=UNIFORM, mode=UNIFORM, constants=constants,
+                        items=items, indices=instrument.score_dict(means, constants), target=target,
+                        extra={"seconds": 0.0, "tokens_processed": 0})
+
+
 class Survey:
     """The instrument, as asked of one model under one prompt profile, scored against one target."""
 

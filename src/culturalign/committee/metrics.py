@@ -26,6 +26,16 @@ Systems (see `compose.SYSTEMS`): naive, persona, expert (the router's top-1 expe
    culture, from the text alone): top-1 and top-k; and the gate's accuracy on the neutral controls
    (sent to the base model alone), with and without a user culture.
 
+Two reference systems answer no query; they bound what the alignment numbers mean:
+- `uniform`: an answerer that spreads every item evenly over its options (`survey.uniform_result`, no
+  model call): the floor. Its diversity is 0 by the definition (the same answer for every culture).
+- `wrong-expert`: each registry culture served by each of the *other* registry experts (alignment: the mean
+  over them). An expert's answers to the paraphrases do not depend on the user's culture, so each expert's
+  indices are computed once per variant and scored against every culture: the culture x expert alignment
+  matrix. **Specificity** of a culture = its own expert's alignment - the mean of the other experts'; the
+  own expert is "best" when no other expert aligns better with that culture.
+Every cell uses `alignment_score`, the one formula of metric 1.
+
 Alignment and diversity need many (culture x question) answers: they are computed from batched
 answer tables (every expert's distribution in one call per question set, persona prompts in one set)
 mixed with the router's weights by the same `mix` the committee uses. The per-query metrics (3-6)
@@ -72,6 +82,69 @@ def alignment_score(indices: dict[str, float], scores: dict[str, float]) -> tupl
     return max(0.0, 1.0 - l1 / (100.0 * len(dims))), l1, dims
 
 
+REFERENCE_SYSTEMS = ("uniform", "wrong-expert")
+
+
+def expert_matrix_rows(expert_indices: dict[str, dict[str, dict[str, float]]], targets: dict,
+                       cultures: list[str]) -> list[dict]:
+    """culture x expert x variant rows: `alignment_score` of each expert's indices ({variant: {expert: indices}})
+    against each culture's published scores (`targets[culture]`, a Target)."""
+    rows = []
+    for variant, per_expert in expert_indices.items():
+        for culture in cultures:
+            for code, indices in per_expert.items():
+                score, l1, _ = alignment_score(indices, targets[culture].scores)
+                rows.append({"culture": culture, "expert": code, "variant": variant, "alignment": score, "l1": l1})
+    return rows
+
+
+def wrong_expert_rows(matrix_rows: list[dict]) -> list[dict]:
+    """The `wrong-expert` system's alignment rows: per culture that has an expert and per variant, the mean alignment
+    (and L1) of the other experts."""
+    out = []
+    experts = set(r["expert"] for r in matrix_rows)
+    keys = list(dict.fromkeys((r["variant"], r["culture"]) for r in matrix_rows))
+    for variant, culture in keys:
+        if culture not in experts:
+            continue
+        others = [r for r in matrix_rows if r["variant"] == variant and r["culture"] == culture and r["expert"] != culture]
+        if not others:
+            continue
+        out.append({"system": "wrong-expert", "culture": culture, "variant": variant, "in_registry": True,
+                    "alignment": statistics.fmean(r["alignment"] for r in others),
+                    "l1": statistics.fmean(r["l1"] for r in others), "experts": "|".join(r["expert"] for r in others)})
+    return out
+
+
+def specificity(matrix_rows: list[dict]) -> tuple[dict, list[dict]]:
+    """(summary for metrics.json, rows of specificity.csv) from the culture x expert x variant rows.
+
+    The matrix is the alignment averaged over the variants. For each culture with its own expert: own, the mean of
+    the other experts (`wrong_mean`), specificity = own - wrong_mean, the best expert, and whether it is the own one
+    (a tie counts as best). `mean` is the mean specificity over those cultures; `own_best` counts them."""
+    experts = list(dict.fromkeys(r["expert"] for r in matrix_rows))
+    cultures = list(dict.fromkeys(r["culture"] for r in matrix_rows))
+    cell = {(c, e): statistics.fmean(r["alignment"] for r in matrix_rows if r["culture"] == c and r["expert"] == e)
+            for c in cultures for e in experts}
+    per, csv_rows = {}, []
+    for c in cultures:
+        row = {"culture": c, **{e: cell[(c, e)] for e in experts}}
+        best = max(experts, key=lambda e: cell[(c, e)])
+        if c in experts and len(experts) > 1:
+            own = cell[(c, c)]
+            wrong = statistics.fmean(cell[(c, e)] for e in experts if e != c)
+            per[c] = {"own": own, "wrong_mean": wrong, "specificity": own - wrong, "best_expert": best,
+                      "own_is_best": own >= max(cell[(c, e)] for e in experts)}
+            row.update({"own": own, "wrong_mean": wrong, "specificity": own - wrong})
+        row["best_expert"] = best
+        csv_rows.append(row)
+    spec = [v["specificity"] for v in per.values()]
+    summary_ = {"experts": experts, "cultures": cultures, "alignment": [[cell[(c, e)] for e in experts] for c in cultures],
+                "per_culture": per, "mean": statistics.fmean(spec) if spec else None,
+                "own_best": sum(v["own_is_best"] for v in per.values()), "n_cultures": len(per)}
+    return summary_, csv_rows
+
+
 def mix(weights: list[tuple[int, float]], probs: torch.Tensor) -> torch.Tensor:
     """Weighted mixture of rows of `probs` ([rows, ..., K]); weights as (row, weight)."""
     out = torch.zeros_like(probs[0], dtype=torch.float64)
@@ -113,6 +186,7 @@ class EvalResult:
     rows: list[dict] = field(default_factory=list)  # query x system
     alignment_rows: list[dict] = field(default_factory=list)  # system x culture x variant
     diversity_rows: list[dict] = field(default_factory=list)  # system x question
+    specificity_rows: list[dict] = field(default_factory=list)  # culture x expert alignment matrix (specificity.csv)
 
 
 class Evaluator:
@@ -123,6 +197,7 @@ class Evaluator:
         self.c, self.queries, self.cfg, self.targets = committee, queries, config, targets
         self.progress = progress or (lambda stage, done, total: None)
         self.systems = ("naive", "persona", "expert", "committee")
+        self.expert_indices: dict[str, dict[str, dict[str, float]]] = {}  # variant -> expert -> indices (alignment())
 
     # -- alignment on held-out paraphrases -----------------------------------------------------------
     def _route_weights(self, text: str, culture: str, system: str, codes: list[str]) -> list[tuple[int, float]] | None:
@@ -149,6 +224,8 @@ class Evaluator:
                 experts = Survey(c.backend, inst, "naive").distributions(soft).probs.double().cpu()  # [E, I, K]
                 done += 1
                 self.progress("alignment", done, total)
+            expert_means = (experts @ torch.tensor(inst.codes, dtype=torch.float64)).numpy()  # [E, I]
+            self.expert_indices[variant] = {k: inst.score_dict(m) for k, m in zip(codes, expert_means)}
             for culture in cultures:
                 target = self.targets[culture]
                 with torch.no_grad():
@@ -171,6 +248,42 @@ class Evaluator:
                                  "dims": "|".join(dims), **{f"index_{d}": round(v, 3) for d, v in indices.items()}})
         return rows
 
+    # -- the reference systems: the uniform floor and the wrong expert ----------------------------------------
+    def references(self) -> tuple[list[dict], dict, list[dict]]:
+        """(alignment rows of `uniform` and `wrong-expert`, the specificity summary, specificity.csv's rows).
+
+        Needs `alignment()` first (the experts' indices per variant); no model call."""
+        from culturalign.instrument import load_instrument
+        from culturalign.survey import uniform_result
+
+        cultures = list(self.cfg.registry_cultures) + list(self.cfg.heldout_cultures)
+        rows = []
+        for variant in self.cfg.variants:
+            inst = load_instrument(variant)
+            for culture in cultures:
+                indices = uniform_result(inst, self.targets[culture]).indices
+                score, l1, dims = alignment_score(indices, self.targets[culture].scores)
+                rows.append({"system": "uniform", "culture": culture, "variant": variant,
+                             "in_registry": culture in self.c.registry.experts, "alignment": score, "l1": l1,
+                             "dims": "|".join(dims), **{f"index_{d}": round(v, 3) for d, v in indices.items()}})
+        matrix = expert_matrix_rows(self.expert_indices, self.targets, list(self.cfg.registry_cultures))
+        rows += wrong_expert_rows(matrix)
+        spec, spec_rows = specificity(matrix)
+        return rows, spec, spec_rows
+
+    def _diversity_questions(self) -> list:
+        return [q for q in self.queries if q.has_options and q.culture is None and q.culture_dependent]
+
+    def uniform_diversity(self) -> list[dict]:
+        """The uniform answerer's diversity rows: the same 1/K answer for every culture, through the one formula."""
+        n = len(self.cfg.registry_cultures)
+        rows = []
+        for q in self._diversity_questions():
+            p = np.full((n, len(q.options)), 1.0 / len(q.options))
+            rows.append({"system": "uniform", "query_id": q.id, "diversity_bits": mutual_information(p),
+                         "distinct_choices": int(len(set(p.argmax(1).tolist())))})
+        return rows if n else []
+
     # -- diversity across user cultures ----------------------------------------------------------------
     def diversity(self) -> list[dict]:
         from culturalign.instrument import Item
@@ -180,7 +293,7 @@ class Evaluator:
         codes = c.registry.codes
         soft = [c.registry[k].embeddings for k in codes]
         cultures = list(self.cfg.registry_cultures)
-        questions = [q for q in self.queries if q.has_options and q.culture is None and q.culture_dependent]
+        questions = self._diversity_questions()
         rows = []
         tok = c.backend.tokenizer
         for n, q in enumerate(questions):
@@ -272,9 +385,13 @@ class Evaluator:
         align_rows = self.alignment()
         div_rows = self.diversity()
         rows = self.per_query()
-        metrics = summarise(rows, align_rows, div_rows, router, self.systems)
+        ref_rows, spec, spec_rows = self.references()
+        align_rows += ref_rows
+        div_rows += self.uniform_diversity()
+        metrics = summarise(rows, align_rows, div_rows, router, self.systems, REFERENCE_SYSTEMS)
+        metrics["specificity"] = spec
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
-        return EvalResult(metrics, rows, align_rows, div_rows)
+        return EvalResult(metrics, rows, align_rows, div_rows, spec_rows)
 
 
 def _spread(queries: list, n: int) -> list:
@@ -290,10 +407,15 @@ def _spread(queries: list, n: int) -> list:
     return out
 
 
-def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], router: dict, systems) -> dict:
+def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], router: dict, systems,
+              references=()) -> dict:
+    """Per system: every metric from the tidy rows. `references` (systems that answer no query: uniform,
+    wrong-expert) get the same entry, listed under "reference_systems"; their per-query metrics are empty."""
     out = {"systems": list(systems), "router": router, "per_system": {}}
+    if references:
+        out["reference_systems"] = list(references)
     naive_p50 = percentile([r["seconds"] for r in rows if r["system"] == "naive"], 50)
-    for s in systems:
+    for s in [*systems, *references]:
         sr = [r for r in rows if r["system"] == s]
         lat = [r["seconds"] for r in sr]
         opt_lat = [r["seconds"] for r in sr if r["kind"] != "open"]
@@ -310,7 +432,7 @@ def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], ro
             "completeness": (sum(r["complete"] for r in sr) / len(sr)) if sr else None,
             "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
             "latency_options_p50_s": percentile(opt_lat, 50), "latency_open_p50_s": percentile(open_lat, 50),
-            "latency_ratio_to_naive": (percentile(lat, 50) / naive_p50) if naive_p50 else None,
+            "latency_ratio_to_naive": (percentile(lat, 50) / naive_p50) if naive_p50 and lat else None,
             "queries": len(sr),
         }
     return out

@@ -1,4 +1,4 @@
-"""What `culturalign committee eval` writes: metrics.json, tidy CSVs, report.md and two plots."""
+"""What `culturalign committee eval` writes: metrics.json, tidy CSVs, report.md and three plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from culturalign.files import atomic_write, atomic_write_json, atomic_write_text
 
-CSV_FILES = {"results.csv": "rows", "alignment.csv": "alignment_rows", "diversity.csv": "diversity_rows"}
+CSV_FILES = {"results.csv": "rows", "alignment.csv": "alignment_rows", "diversity.csv": "diversity_rows",
+             "specificity.csv": "specificity_rows"}
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -32,14 +33,18 @@ def _num(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _systems(metrics: dict) -> list[str]:
+    return list(metrics["systems"]) + list(metrics.get("reference_systems", []))
+
+
 def metrics_table(metrics: dict) -> list[str]:
-    """The README/report table: one row per system."""
+    """The README/report table: one row per system, then the reference systems (uniform, wrong-expert)."""
     lines = [
         "| system | alignment (registry) | alignment (held-out) | diversity (bits) | expert responses / query "
         "| unique cultures / query | completeness | latency p50 (s) | latency p95 (s) | p50 / naive |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in metrics["systems"]:
+    for s in _systems(metrics):
         m = metrics["per_system"][s]
         lines.append(
             f"| {s} | {_pm(m['alignment_registry'])} | {_pm(m['alignment_heldout'])} | {_pm(m['diversity_bits'])} "
@@ -60,6 +65,51 @@ def router_lines(r: dict) -> list[str]:
     ]
 
 
+def specificity_lines(spec: dict | None) -> list[str]:
+    """The wrong-expert control: specificity per culture and its mean, and how often the own expert is best."""
+    if not spec or not spec.get("per_culture"):
+        return []
+    per = spec["per_culture"]
+    lines = [f"- specificity (own expert's alignment - mean of the other experts'), mean over {spec['n_cultures']} "
+             f"registry cultures: **{spec['mean']:+.3f}**; the own expert is the best expert for "
+             f"**{spec['own_best']} of {spec['n_cultures']}**", "",
+             "| culture | own expert | other experts (mean) | specificity | best expert |", "|---|---:|---:|---:|---|"]
+    for c, v in per.items():
+        lines.append(f"| {c} | {v['own']:.3f} | {v['wrong_mean']:.3f} | {v['specificity']:+.3f} | {v['best_expert']} |")
+    return lines
+
+
+def specificity_plot(path: Path, spec: dict) -> None:
+    """Culture x expert alignment matrix as a heat map; the own expert boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cultures, experts = spec["cultures"], spec["experts"]
+    m = np.array(spec["alignment"], dtype=float)
+    fig, ax = plt.subplots(figsize=(0.8 * len(experts) + 3, 0.6 * len(cultures) + 2))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, c in enumerate(cultures):
+        for j, e in enumerate(experts):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if m[i, j] > 0.6 else "white", fontweight="bold" if c == e else "normal")
+            if c == e:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(experts)))
+    ax.set_xticklabels(experts)
+    ax.set_yticks(range(len(cultures)))
+    ax.set_yticklabels(cultures)
+    ax.set_xlabel("expert (soft prompt)")
+    ax.set_ylabel("user culture")
+    ax.set_title("alignment of each expert with each culture (held-out VSM paraphrases)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="cultural alignment")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
 def alignment_plot(path: Path, rows: list[dict], systems: list[str]) -> None:
     import matplotlib
 
@@ -72,7 +122,10 @@ def alignment_plot(path: Path, rows: list[dict], systems: list[str]) -> None:
     width = 0.8 / len(systems)
     x = np.arange(len(cultures))
     for k, s in enumerate(systems):
-        vals = [np.mean([r["alignment"] for r in rows if r["system"] == s and r["culture"] == c]) for c in cultures]
+        vals = []
+        for c in cultures:
+            got = [r["alignment"] for r in rows if r["system"] == s and r["culture"] == c]
+            vals.append(np.mean(got) if got else np.nan)  # wrong-expert: registry cultures only
         ax.bar(x + (k - (len(systems) - 1) / 2) * width, vals, width, label=s)
     held = [i for i, c in enumerate(cultures) if not any(r["in_registry"] for r in rows if r["culture"] == c)]
     if held:
@@ -117,8 +170,11 @@ def write_eval(out: str | Path, result, settings: dict) -> None:
     for name, attr in CSV_FILES.items():
         atomic_write_text(out / name, _csv_text(getattr(result, attr)))
     systems = m["systems"]
-    alignment_plot(out / "alignment.png", result.alignment_rows, systems)
+    alignment_plot(out / "alignment.png", result.alignment_rows, _systems(m))
     latency_plot(out / "latency.png", result.rows, systems)
+    spec = m.get("specificity")
+    if spec and spec.get("cultures") and spec.get("experts"):
+        specificity_plot(out / "specificity.png", spec)
     lines = [
         f"# Committee evaluation: {settings.get('model')}", "",
         f"Registry {settings.get('experts')} ({len(settings.get('registry_cultures', []))} experts: "
@@ -126,10 +182,17 @@ def write_eval(out: str | Path, result, settings: dict) -> None:
         f"{settings.get('queries')} queries; {m.get('seconds')} s in all.", "",
         *metrics_table(m), "",
         "Mean ± std: alignment over cultures (and the two paraphrase variants), diversity over untagged value "
-        "questions, responses and cultures over queries. Definitions: README, 'Committee metrics'.", "",
+        "questions, responses and cultures over queries. Definitions: README, 'Committee metrics'. "
+        "Reference systems, which answer no query: uniform (every item answered evenly over its options, no model: "
+        "the floor) and wrong-expert (each registry culture served by each other registry expert, the mean).", "",
         "## Router", "", *router_lines(m["router"]), "",
+    ]
+    spec_lines = specificity_lines(spec)
+    if spec_lines:
+        lines += ["## Specificity: the own expert against the others", "", *spec_lines, "", "![specificity](specificity.png)", ""]
+    lines += [
         "![alignment](alignment.png)", "", "![latency](latency.png)", "",
         "Files: metrics.json, results.csv (query x system), alignment.csv (system x culture x variant), "
-        "diversity.csv (system x question).", "",
+        "diversity.csv (system x question), specificity.csv (culture x expert alignment, mean over the variants).", "",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))

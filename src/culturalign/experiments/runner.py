@@ -6,7 +6,8 @@ The experiment folder:
                         model (or the cluster) is ready; a rerun with a changed file is refused, except a budget
                         that grows (the finished cells are then extended)
     cells/<COUNTRY>-<set>-<optimizer>-s<seed>/   an ordinary `align` output folder per cell
-    cells.csv           one row per cell (tidy): L1s, ratio, per-dimension errors and scores, time to half naive
+    cells.csv           one row per cell (tidy): L1s, ratio, per-dimension errors and scores, time to half naive,
+                        the uniform floor, and the aligned profile's L1 to every grid target (specificity)
     curves.csv          best L1 against evaluations and seconds, per cell
     report.md, plots/   the tables and convergence plots (see `report.py`)
 
@@ -179,8 +180,41 @@ def _best_l1(entry: dict) -> float:
     return float(entry["best_l1"] if entry.get("best_l1") is not None else entry["best_loss"])
 
 
-def cell_rows(state: CellState, result: dict | None, dims: list[str]) -> tuple[dict, list[dict]]:
-    """The cell's row of cells.csv and its rows of curves.csv (None values are empty cells)."""
+def target_key(target) -> str:
+    """A grid target's name in cells.csv's cross-target columns (`l1_to_<key>`): its folder prefix, CODE-set."""
+    from culturalign.experiments.spec import _code
+
+    return f"{_code(target)}-{target.set_name}"
+
+
+def cross_target(indices: dict[str, float], targets: list) -> dict[str, float | None]:
+    """{target_key: L1 of `indices` to that target} over each target's published dimensions (arithmetic, no model)."""
+    from culturalign.targets import l1
+
+    return {target_key(t): l1(indices, t)[0] for t in targets}
+
+
+def _floor(result: dict, target, instrument) -> dict | None:
+    """The cell's uniform profile: result.json's own, or (a run written before it was recorded) computed from the
+    instrument and the run's constants."""
+    u = result["profiles"].get("uniform")
+    if u is None and instrument is not None:
+        from culturalign.survey import uniform_result
+
+        u = uniform_result(instrument, target, result["settings"]["constants"]).to_json()
+    return u
+
+
+def cell_rows(state: CellState, result: dict | None, dims: list[str], instrument=None,
+              grid_targets: list | None = None) -> tuple[dict, list[dict]]:
+    """The cell's row of cells.csv and its rows of curves.csv (None values are empty cells).
+
+    `instrument` gives the uniform floor of a result.json that lacks it; `grid_targets` (every target of the
+    grid) the cross-target columns: the aligned profile's L1 to each, the own target's rank among them and
+    the specificity (see `experiments.report.rank_and_specificity`)."""
+    from culturalign.experiments.report import floor_columns, rank_and_specificity
+
+    grid_targets = list(grid_targets or [])
     c = state.cell
     row = {"cell": c.name, "country": c.target.name, "code": c.code, "set": c.set_name, "optimizer": c.optimizer,
            "seed": c.seed, "budget": c.budget}
@@ -193,6 +227,7 @@ def cell_rows(state: CellState, result: dict | None, dims: list[str]) -> tuple[d
                     "status": status, "error": state.outcome.get("error")})
         row.update({f"{p}_{d}": None for p in ("target", "naive", "icl", "aligned") for d in dims})
         row["aligned_option_mass"] = None
+        row.update(floor_columns([target_key(t) for t in grid_targets]))
         return row, []
     try:
         prof = result["profiles"]
@@ -214,6 +249,15 @@ def cell_rows(state: CellState, result: dict | None, dims: list[str]) -> tuple[d
         for name, p in (("naive", naive), ("icl", icl), ("aligned", aligned)):
             row.update({f"{name}_{d}": p["indices"].get(d) for d in dims})
         row["aligned_option_mass"] = aligned.get("mean_option_mass")
+        row.update(floor_columns([target_key(t) for t in grid_targets]))
+        floor = _floor(result, c.target, instrument)
+        if floor is not None:
+            row["uniform_l1"] = floor["l1"]
+            row["ratio_uniform"] = aligned["l1"] / floor["l1"] if floor["l1"] else None
+        if grid_targets:
+            l1s = cross_target(aligned["indices"], grid_targets)
+            row.update({f"l1_to_{k}": v for k, v in l1s.items()})
+            row["own_rank"], row["specificity"] = rank_and_specificity(target_key(c.target), l1s)
         curves = [{"cell": c.name, "code": c.code, "set": c.set_name, "optimizer": c.optimizer, "seed": c.seed,
                    "evaluations": int(h["evaluations"]), "best_l1": _best_l1(h), "seconds": h.get("seconds")}
                   for h in history]
@@ -225,7 +269,8 @@ def cell_rows(state: CellState, result: dict | None, dims: list[str]) -> tuple[d
 HELDOUT_FILE = "heldout.json"
 
 
-def collect(states: list[CellState], dims: list[str]) -> tuple[list[dict], list[dict]]:
+def collect(states: list[CellState], dims: list[str], instrument=None, grid_targets: list | None = None
+            ) -> tuple[list[dict], list[dict]]:
     from culturalign.experiments.report import heldout_columns
     from culturalign.files import read_json_file
 
@@ -234,7 +279,7 @@ def collect(states: list[CellState], dims: list[str]) -> tuple[list[dict], list[
         result = s.outcome.get("result")
         if result is None and s.outcome.get("status", "finished") == "finished" and (s.out / "result.json").is_file():
             result = read_json_file(s.out / "result.json", f"cell {s.cell.name} result")
-        row, curve = cell_rows(s, result, dims)
+        row, curve = cell_rows(s, result, dims, instrument, grid_targets)
         held = s.out / HELDOUT_FILE
         row.update(heldout_columns(read_json_file(held, f"cell {s.cell.name} held-out checks")
                                    if result is not None and held.is_file() else None))
@@ -281,7 +326,7 @@ def run_experiment(exp: Experiment, out: str | Path, executor, progress: Progres
     for s in states:
         if s.status == "done":
             s.outcome.setdefault("status", "finished")
-    rows, curves = collect(states, exp.dims)
+    rows, curves = collect(states, exp.dims, exp.instrument, exp.targets)
     write_outputs(out, exp, rows, curves)
     result = ExperimentResult(out, states, rows, curves, len(todo))
     if result.failed:
@@ -314,6 +359,6 @@ def run_heldout_cells(exp: Experiment, out: str | Path, states: list[CellState],
     for s in states:
         if (s.out / "result.json").is_file():
             s.outcome.setdefault("status", "finished")
-    rows, curves = collect(states, exp.dims)
+    rows, curves = collect(states, exp.dims, exp.instrument, exp.targets)
     write_outputs(Path(out), exp, rows, curves)
     return len(todo)

@@ -38,7 +38,7 @@ def _profile(result) -> dict:
 
 
 def _survey_pair(backend, instrument, prompt, target, constants, soft, stage: str, progress: Progress | None) -> dict:
-    from culturalign.survey import Survey
+    from culturalign.survey import Survey, uniform_result
 
     s = Survey(backend, instrument, prompt, target, constants)
     n = len(instrument.items)
@@ -51,6 +51,8 @@ def _survey_pair(backend, instrument, prompt, target, constants, soft, stage: st
     with_ = s.result(soft, "with", progress=tick(n)) if soft is not None else None
     out = {"instrument": instrument.id, "without": _profile(without), "with": None if with_ is None else _profile(with_)}
     out["gain"] = None if with_ is None else without.l1 - with_.l1
+    floor = uniform_result(instrument, target, s.constants)
+    out["uniform"] = {"l1": floor.l1, "indices": floor.indices}  # the floor on this instrument: every item 1/K, no model
     return out
 
 
@@ -132,36 +134,42 @@ def _change(a, b, nd: int) -> str:
     return "-" if a is None or b is None else f"{b - a:+.{nd}f}"
 
 
-def heldout_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
-    """(check, without, with, change, kept) rows shared by the terminal table and the Markdown table."""
+def _uniform(v: dict) -> str:
+    u = v.get("uniform")  # absent in results written before the floor was reported
+    return "" if u is None else _num(u["l1"], 1)
+
+
+def heldout_rows(result: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(check, without, with, change, kept, uniform) rows shared by the terminal table and the Markdown table."""
     rows = []
     base = result["survey"]["original"]
     w, s = base["without"]["l1"], (base["with"] or {}).get("l1")
-    rows.append((f"L1 {base['instrument']} (aligned on)", _num(w, 1), _num(s, 1), _change(w, s, 1), ""))
+    rows.append((f"L1 {base['instrument']} (aligned on)", _num(w, 1), _num(s, 1), _change(w, s, 1), "", _uniform(base)))
     for v in result["survey"]["variants"]:
         w, s = v["without"]["l1"], (v["with"] or {}).get("l1")
         kept = _num(v["kept"], 2) if v["kept"] is not None else ("n/a" if v["with"] is not None else "")
-        rows.append((f"L1 {v['instrument']} ({v['kind']})", _num(w, 1), _num(s, 1), _change(w, s, 1), kept))
+        rows.append((f"L1 {v['instrument']} ({v['kind']})", _num(w, 1), _num(s, 1), _change(w, s, 1), kept, _uniform(v)))
     m = result["mcq"]
     mw, ms = m["without"], m["with"]
     rows.append((f"MCQ accuracy ({m['questions']} questions; chance {m['chance']:.2f})", _num(mw["accuracy"], 3),
-                 _num(ms and ms["accuracy"], 3), _change(mw["accuracy"], ms and ms["accuracy"], 3), ""))
+                 _num(ms and ms["accuracy"], 3), _change(mw["accuracy"], ms and ms["accuracy"], 3), "", ""))
     tc = m.get("target_country")
     if tc:
         a, b = tc["without"]["accuracy"], tc["with"] and tc["with"]["accuracy"]
         rows.append((f"MCQ accuracy, {'/'.join(tc['countries'])} ({tc['n']} questions)", _num(a, 3), _num(b, 3),
-                     _change(a, b, 3), ""))
+                     _change(a, b, 3), "", ""))
     rows.append(("MCQ mean P(correct answer)", _num(mw["mean_p_correct"], 3), _num(ms and ms["mean_p_correct"], 3),
-                 _change(mw["mean_p_correct"], ms and ms["mean_p_correct"], 3), ""))
+                 _change(mw["mean_p_correct"], ms and ms["mean_p_correct"], 3), "", ""))
     rows.append(("MCQ answer prior (always the favourite letter)", f"{mw['prior_accuracy']:.3f} ({mw['prior_letter']})",
-                 "-" if ms is None else f"{ms['prior_accuracy']:.3f} ({ms['prior_letter']})", "", ""))
+                 "-" if ms is None else f"{ms['prior_accuracy']:.3f} ({ms['prior_letter']})", "", "", ""))
     p = result["perplexity"]
     ratio = "-" if p["ratio"] is None else f"x{p['ratio']:.2f}"
-    rows.append((f"perplexity, neutral text ({p['tokens']} tokens)", _num(p["without"], 2), _num(p["with"], 2), ratio, ""))
+    rows.append((f"perplexity, neutral text ({p['tokens']} tokens)", _num(p["without"], 2), _num(p["with"], 2), ratio,
+                 "", ""))
     return rows
 
 
-HEADERS = ("check", "without", "with soft prompt", "change", "gain kept")
+HEADERS = ("check", "without", "with soft prompt", "change", "gain kept", "uniform")
 
 
 def prompt_name(sp: dict | None, code: bool = True) -> str:
@@ -182,6 +190,7 @@ def heldout_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     notes = {v["kept_note"] for v in result["survey"]["variants"] if v["kept"] is None and v["with"] is not None}
     lines += ["", "change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) "
-                  "on the variant / the same on the original."]
+                  "on the variant / the same on the original; uniform = the L1 of an answerer that spreads every item "
+                  "evenly over its options (no model), the floor."]
     lines += [f"gain kept {n}." for n in sorted(notes)]
     return "\n".join(lines) + "\n"
