@@ -47,7 +47,7 @@ def make(name, seed=0):
     return Adam(DIM, seed, lr=0.05)
 
 
-SGN = SGNConfig(probes=4, steps=2, memory=1, directions="gaussian", max_norm=0)
+SGN = SGNConfig(probes=4, steps=2, directions="gaussian", max_norm=0)
 NAMES = ["de", "cmaes", "dfols", "random", "adam", "sgn"]
 
 

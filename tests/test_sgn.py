@@ -63,18 +63,21 @@ def test_vocab_probes_move_one_token_towards_a_real_token():
     rng = np.random.default_rng(0)
     vocab = rng.standard_normal((50, H))
     x0 = rng.standard_normal(D) * 0.1
-    cfg = SGNConfig(probes=6, memory=0, probe_size=0.5, max_norm=0)
+    cfg = SGNConfig(probes=6, directions="vocab", probe_size=0.5, max_norm=0)
     opt = SubspaceGaussNewton(x0, (N, H), 3, cfg, vocab)
     X = opt.ask()
     opt.tell(X, Tanh()(X))
     P = opt.ask()
+    p0 = x0.reshape(N, H)
     for p in P:
         moved = (p - opt.x).reshape(N, H)
         tokens = np.flatnonzero(np.linalg.norm(moved, axis=1) > 0)
         assert len(tokens) == 1
         t = tokens[0]
-        target = opt.x.reshape(N, H)[t] + moved[t] / 0.5  # the real token the probe points to
-        assert np.min(np.linalg.norm(vocab - target, axis=1)) < 1e-9
+        assert np.linalg.norm(moved[t]) == pytest.approx(0.5 * opt.nu)  # half a real-token norm
+        towards = vocab - p0[t]  # parallel to (real token - initial token) for one vocabulary row
+        cos = towards @ moved[t] / (np.linalg.norm(towards, axis=1) * np.linalg.norm(moved[t]))
+        assert cos.max() == pytest.approx(1.0)
 
 
 def test_every_candidate_respects_the_norm_bound():
@@ -99,13 +102,13 @@ def test_probes_concentrate_on_the_sensitive_token():
             z[:H] = x[:H]
             return super().residuals(z)
 
-    opt = SubspaceGaussNewton(np.zeros(D), (N, H), 0, gaussian(probes=8, memory=0, explore=0.1), token_norm=1.0)
+    opt = SubspaceGaussNewton(np.zeros(D), (N, H), 0, gaussian(probes=8, explore=0.1), token_norm=1.0)
     obj = OnlyToken0()
     minimize(obj, opt, 1 + 6 * 11)
     assert opt.sens[0] > 100 * opt.sens[1:].max()
     counts = np.zeros(N)
-    for u in opt._directions():
-        counts[opt._token_of(u)] += 1
+    for t, _, _ in opt._new_specs():
+        counts[t] += 1
     assert counts[0] >= 5
 
 
@@ -113,7 +116,7 @@ def test_resume_mid_iteration_is_bit_identical():
     """A checkpoint after a probe batch (the step batch still to come) resumes to the same run."""
     rng = np.random.default_rng(0)
     vocab = rng.standard_normal((50, H))
-    make = lambda: SubspaceGaussNewton(np.zeros(D), (N, H), 5, SGNConfig(probes=5, memory=2), vocab)  # noqa: E731
+    make = lambda: SubspaceGaussNewton(np.zeros(D), (N, H), 5, SGNConfig(probes=5, directions="mixed"), vocab)  # noqa: E731
     whole = minimize(Tanh(l1=True), make(), 80)
     saved = []
     minimize(Tanh(l1=True), make(), 40, checkpoint=lambda s: saved.append(json.loads(json.dumps(s.to_json()))))
@@ -127,6 +130,7 @@ def test_resume_mid_iteration_is_bit_identical():
 
 @pytest.mark.parametrize("field,value,match", [
     ("probes", 0, "--probes must be an integer >= 1"),
+    ("window", 4, "--window must be an integer >= probes"),
     ("directions", "sideways", "--directions 'sideways'"),
     ("radius", -1.0, "--radius must be a positive finite number"),
     ("max_norm", float("nan"), "--max-norm must be >= 0"),

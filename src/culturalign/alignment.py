@@ -183,7 +183,10 @@ class Aligner:
             param = FullPrompt(p0)
             x0 = param.x0()
         objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight)
-        optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend))
+        sgn = cfg.optimizer == "sgn"
+        gain = self.backend.input_gain() if sgn else None
+        optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend) if sgn else None,
+                                       None if gain is None else gain.double().numpy())
         loop_state = None
         if state:
             try:

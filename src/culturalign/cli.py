@@ -269,7 +269,7 @@ def survey(
 
 
 ALIGN_EPILOG = ("Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget "
-                "to extend a finished run. Every optimizer resumes mid-run to the identical result: de, random and adam "
+                "to extend a finished run. Every optimizer resumes mid-run to the identical result: de, sgn, random and adam "
                 "from their saved state; cmaes (pycma) and dfols (DFO-LS), whose engines cannot export their state, by "
                 "replaying their logged evaluations into a fresh engine (no model calls).")
 
@@ -298,6 +298,13 @@ def align(
     cma_sigma0: float = typer.Option(_D.cma_sigma0, "--cma-sigma0", metavar="S", help="cmaes: initial step size as a fraction of --bound (> 0)."),
     dfols_rhobeg: float = typer.Option(_D.dfols_rhobeg, "--dfols-rhobeg", metavar="R", help="dfols: initial trust-region radius as a fraction of --bound, in (0, 2]."),
     lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="adam / adam-subspace learning rate (> 0)."),
+    probes: int = typer.Option(_D.probes, "--probes", metavar="P", help="sgn: directions probed per iteration (>= 1); an iteration is P probes then --sgn-steps steps."),
+    sgn_steps: int = typer.Option(_D.sgn_steps, "--sgn-steps", metavar="Q", help="sgn: Gauss-Newton step candidates per iteration (>= 1)."),
+    window: int = typer.Option(_D.window, "--window", metavar="M", help="sgn: directions kept in its linear model (>= --probes)."),
+    directions: str = typer.Option(_D.directions, "--directions", metavar="KIND", help="sgn: gain (Gaussian scaled by the first layer's input gain), gaussian (isotropic), vocab (towards real token embeddings) or mixed; each moves one soft token."),
+    probe_size: float = typer.Option(_D.probe_size, "--probe-size", metavar="H", help="sgn: probe length in real-token norms (> 0)."),
+    radius: float = typer.Option(_D.radius, "--radius", metavar="R", help="sgn: initial trust radius in real-token norms (> 0)."),
+    max_norm: float = typer.Option(_D.max_norm, "--max-norm", metavar="K", help="sgn: each soft token's norm stays <= K x the median real-token norm (capability bound; 0 = none)."),
     mass_floor: float = typer.Option(_D.mass_floor, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies."),
     mass_weight: float = typer.Option(_D.mass_weight, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
@@ -350,7 +357,8 @@ def align(
             optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, seed=seed, projection_seed=projection_seed,
             init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
             crossover=crossover, strategy=strategy, bound=bound, sigma=sigma,
-            cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, mass_floor=mass_floor,
+            cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, probes=probes, sgn_steps=sgn_steps, window=window,
+            directions=directions, probe_size=probe_size, radius=radius, max_norm=max_norm, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
         ).validate()
         if out_dir is None:
@@ -395,8 +403,8 @@ def align(
 
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
 RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize",
-             "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "mass_floor",
-             "mass_weight")
+             "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "probes",
+             "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "mass_floor", "mass_weight")
 
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):

@@ -38,8 +38,9 @@ class AlignConfig:
     dfols_rhobeg: float = 0.3  # dfols: initial trust-region radius, as a fraction of the bound
     probes: int = 8  # sgn: directions probed per iteration (then `sgn_steps` step candidates)
     sgn_steps: int = 3  # sgn: Gauss-Newton step candidates per iteration
-    directions: str = "vocab"  # sgn: vocab (towards real token embeddings) | gaussian | mixed
-    probe_size: float = 0.5  # sgn: probe length (fraction of the way to a real token, or real-token norms)
+    window: int = 32  # sgn: directions kept in its model (the subspace it steps in)
+    directions: str = "gain"  # sgn: gain (Gaussian scaled by the first layer's input gain) | gaussian | vocab | mixed
+    probe_size: float = 1.0  # sgn: a probe moves one soft token this many real-token norms
     radius: float = 2.0  # sgn: initial trust radius, in real-token norms
     max_norm: float = 1.5  # sgn: each soft token's norm <= max_norm x the median real-token norm (0 = no bound)
     mass_floor: float = 0.5
@@ -102,11 +103,11 @@ class AlignConfig:
         from culturalign.search.sgn import SGNConfig
 
         try:
-            return SGNConfig(probes=self.probes, steps=self.sgn_steps, directions=self.directions,
+            return SGNConfig(probes=self.probes, steps=self.sgn_steps, window=self.window, directions=self.directions,
                              probe_size=self.probe_size, radius=self.radius, max_radius=max(8.0, self.radius),
                              max_norm=self.max_norm)
         except CulturalignError as e:
-            flag = {"probes": "--probes", "steps": "--sgn-steps", "directions": "--directions",
+            flag = {"probes": "--probes", "steps": "--sgn-steps", "window": "--window", "directions": "--directions",
                     "probe_size": "--probe-size", "radius": "--radius", "max_norm": "--max-norm"}
             msg = str(e)
             for field_, f in flag.items():
@@ -124,16 +125,16 @@ class AlignConfig:
     def uses_projection(self) -> bool:
         return self.optimizer not in ("adam", "sgn")
 
-    def make_optimizer(self, dim: int, x0=None, shape=None, vocab=None):
+    def make_optimizer(self, dim: int, x0=None, shape=None, vocab=None, gain=None):
         """The configured method over `dim` coordinates (`x0`: the flattened initial prompt, for the full-prompt
-        methods; `shape` (n, hidden) and `vocab` [V, hidden] real token embeddings: sgn's directions)."""
+        methods; `shape` (n, hidden), `vocab` [V, hidden] real token embeddings and `gain` [hidden]: sgn's directions)."""
         from culturalign.search import CMAES, DE, DFOLS, Adam, RandomSearch
 
         o = self.optimizer
         if o == "sgn":
             from culturalign.search.sgn import SubspaceGaussNewton
 
-            return SubspaceGaussNewton(x0, shape, self.seed, self.sgn_config(), vocab)
+            return SubspaceGaussNewton(x0, shape, self.seed, self.sgn_config(), vocab, gain=gain)
         if o == "de":
             return DE(dim, self.seed, self.de_config())
         if o == "cmaes":

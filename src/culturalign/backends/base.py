@@ -138,6 +138,11 @@ class Backend(ABC):
     def embedding_table(self) -> torch.Tensor:
         """[V, H] the whole token embedding table: float32, on the CPU, detached (a copy-safe read)."""
 
+    def input_gain(self) -> torch.Tensor | None:
+        """[H] how strongly the first layer reads each input coordinate (its input norm's per-coordinate gain),
+        or None where the backend cannot tell. A prior for black-box search directions (`sgn --directions gain`)."""
+        return None
+
     @abstractmethod
     def model_info(self) -> dict:
         """num_layers, num_attention_heads, hidden_size, vocab_size, max_context (None where unknown)."""

@@ -24,6 +24,8 @@ left-padded batches of windows, computing logits only at the positions that pred
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -88,6 +90,22 @@ class HFBackend(Backend):
 
     def embedding_table(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight.detach().float().cpu()
+
+    def input_gain(self) -> torch.Tensor | None:
+        """The first decoder layer's input norm, measured on each basis vector: for an RMSNorm-style module,
+        norm(e_i) = sqrt(H) * gain_i, whatever its parameterisation (Llama's w, Gemma's 1 + w). None when
+        the model has no such module (found by name: the first `*Norm` module inside layer 0)."""
+        H = self.hidden_size
+        for name, module in self.model.named_modules():
+            if type(module).__name__.endswith("Norm") and ".0." in f".{name}." and "layers" in name:
+                try:
+                    with torch.no_grad():
+                        p = next(module.parameters())
+                        out = module(torch.eye(H, dtype=p.dtype, device=p.device)[None])[0]
+                    return (out.diagonal().float().cpu().abs() / math.sqrt(H)).detach()
+                except (StopIteration, RuntimeError, TypeError):
+                    return None
+        return None
 
     def model_info(self) -> dict:
         cfg = self.model.config
