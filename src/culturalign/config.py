@@ -14,6 +14,7 @@ from culturalign.errors import CulturalignError
 OPTIMIZERS = ("de", "cmaes", "dfols", "random", "adam", "adam-subspace")
 POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 INITS = ("text", "vocab", "random")
+ORDERS = ("forward", "reversed", "both")  # option order of the items (culturalign.survey.ORDERS)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class AlignConfig:
     mass_floor: float = 0.5
     mass_weight: float = 100.0
     constants: dict[str, float] = field(default_factory=dict)
+    order: str = "forward"  # options as presented, reversed, or both orders averaged (see culturalign.survey)
 
     def validate(self) -> "AlignConfig":
         """Check every field before any work starts; errors name the command-line flag."""
@@ -46,6 +48,8 @@ class AlignConfig:
             raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.init not in INITS:
             raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
+        if self.order not in ORDERS:
+            raise CulturalignError(f"--order {self.order!r}: expected one of {', '.join(ORDERS)}")
         for flag, value in (("--budget", self.budget), ("--tokens", self.tokens), ("--dim", self.dim)):
             if value < 1:
                 raise CulturalignError(f"{flag} must be at least 1, got {value}")
@@ -84,6 +88,18 @@ class AlignConfig:
         from culturalign.search.de import DEConfig
 
         return DEConfig(self.popsize, self.mutation, self.crossover, self.strategy, self.bound).validate()
+
+    def fingerprint_json(self) -> dict:
+        """The settings as JSON for the records that a later run is compared with (a checkpoint's
+        fingerprint, an experiment's cells). `order` was added later: at its default it is left out, so
+        runs and experiments recorded before it still match."""
+        import json
+        from dataclasses import asdict
+
+        config = json.loads(json.dumps(asdict(self)))
+        if config.get("order") == "forward":
+            config.pop("order")
+        return config
 
     @property
     def batch_size(self) -> int:
