@@ -339,3 +339,19 @@ def test_committee_alignment_metric_uses_the_order(tiny_lm, tmp_path):
     expected = Survey(tiny_lm, inst, "naive", load_target("CN"), order="both").result()
     assert naive["l1"] == pytest.approx(expected.l1, abs=1e-3)
     assert naive["l1"] != pytest.approx(Survey(tiny_lm, inst, "naive", load_target("CN")).result().l1, abs=1e-3)
+
+
+def test_resume_checks_the_order(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatch):
+    import culturalign.cli
+
+    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    base = ["align", "--model", tiny_dir, "--country", "CN", "--budget", "12", "--tokens", "2", "--dim", "4",
+            "--sigma", "2"]
+    code, _, stderr = run_cli([*base, "--out", tmp_path / "f"], capsys)
+    assert code == 0, stderr
+    assert "order" not in json.loads((tmp_path / "f" / "checkpoint.json").read_text())["fingerprint"]["config"]
+    # forward typed again matches a checkpoint that does not name the order (as one written before the setting)
+    code, _, stderr = run_cli(["align", "--out", tmp_path / "f", "--resume", "--budget", "18", "--order", "forward"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(["align", "--out", tmp_path / "f", "--resume", "--budget", "24", "--order", "both"], capsys)
+    assert code == 2 and "--order 'both' differs from the run's 'forward'" in stderr
