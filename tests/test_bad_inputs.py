@@ -561,3 +561,17 @@ def test_random_target_files_and_constants(columns, rows, constants, tiny_lm, tm
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
         assert not out.exists()
+
+
+def test_align_dfols_without_the_package(workspace, tiny_dir, monkeypatch, capsys):
+    """DFO-LS is an optional extra (GPL-3.0-or-later): without it, --optimizer dfols is one line saying how to get it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dfols", None)  # `import dfols` fails, as when it is not installed
+    before = _snapshot(workspace)
+    argv = [a.replace("{M}", str(tiny_dir)) for a in ALIGN] + ["--optimizer", "dfols", "--out", str(workspace / "o")]
+    code, stdout, stderr = run_cli(argv, capsys)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --optimizer dfols needs the DFO-LS package")
+    assert "pip install 'culturalign[dfols]'" in lines[0] and "Traceback" not in stdout + stderr
+    assert _snapshot(workspace) == before

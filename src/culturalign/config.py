@@ -14,6 +14,21 @@ from culturalign.errors import CulturalignError
 OPTIMIZERS = ("de", "cmaes", "dfols", "random", "adam", "adam-subspace")
 POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 INITS = ("text", "vocab", "random")
+DFOLS_EXTRA = "pip install 'culturalign[dfols]'"
+
+
+def dfols_missing() -> str | None:
+    """Why `--optimizer dfols` cannot run here (DFO-LS, GPL-3.0-or-later, is an optional extra), or None."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("dfols") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"--optimizer dfols needs the DFO-LS package, which is not installed; it is an optional extra "
+            f"(GPL-3.0-or-later): {DFOLS_EXTRA}")
 ORDERS = ("forward", "reversed", "both")  # option order of the items (culturalign.survey.ORDERS)
 
 
@@ -46,6 +61,8 @@ class AlignConfig:
         """Check every field before any work starts; errors name the command-line flag."""
         if self.optimizer not in OPTIMIZERS:
             raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "dfols" and dfols_missing():
+            raise CulturalignError(dfols_missing())
         if self.init not in INITS:
             raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
         if self.order not in ORDERS:

@@ -325,6 +325,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     each cell's `AlignConfig.validate()`. Nothing is written.
     """
     from culturalign.alignment import OPTIMIZERS, AlignConfig
+    from culturalign.config import dfols_missing
     from culturalign.instrument import load_instrument
     from culturalign.targets import load_target
 
@@ -356,6 +357,8 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     for i, name in enumerate(grid.optimizers):
         if name not in OPTIMIZERS:
             raise CulturalignError(f"{where}: grid.optimizers[{i}]: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if name == "dfols" and dfols_missing():
+            raise CulturalignError(f"{where}: grid.optimizers[{i}]: {dfols_missing()}")
         if grid.optimizers.index(name) != i:
             raise CulturalignError(f"{where}: grid.optimizers[{i}]: {name!r} is given twice")
     for i, seed in enumerate(grid.seeds):
