@@ -38,6 +38,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/survey.py
 	$(BIN)/python benchmarks/fitness.py
+	$(BIN)/python benchmarks/order.py
 	$(BIN)/python benchmarks/alignment.py
 	$(BIN)/python benchmarks/committee.py
 	$(BIN)/python benchmarks/serve.py

@@ -71,7 +71,8 @@ ORDER_HELP = ("Option order of the items: forward (as the instrument lists them)
               "in reverse, answers mapped back to the codes), or both (each item asked both ways in one batch and the "
               "two answer distributions averaged: cancels a bias for an answer position).")
 OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de (Differential Evolution, the paper's "
-                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals), "
+                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals; "
+                  "GPL-3.0-or-later, so an optional extra: the package's dfols extra), "
                   "random (the floor). White-box references: adam (gradient descent on the full prompt), adam-subspace "
                   "(gradients through the same projection the black-box methods search).")
 
