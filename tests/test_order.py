@@ -355,3 +355,13 @@ def test_resume_checks_the_order(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatc
     assert code == 0, stderr
     code, _, stderr = run_cli(["align", "--out", tmp_path / "f", "--resume", "--budget", "24", "--order", "both"], capsys)
     assert code == 2 and "--order 'both' differs from the run's 'forward'" in stderr
+
+
+def test_resume_with_another_order_names_it(both_run, tiny_lm, vsm, china, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(both_run[0], out)
+    cfg = AlignConfig(budget=18, popsize=6, tokens=2, dim=4, sigma=2.0)  # forward: the order is left out of its record
+    with pytest.raises(CulturalignError, match=r"different settings \(order\)"):
+        Aligner(tiny_lm, vsm, china, cfg, out, resume=True)

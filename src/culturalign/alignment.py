@@ -141,7 +141,9 @@ class Aligner:
         done = state["history"][-1]["evaluations"]
         if state["fingerprint"] != self.fingerprint:
             old, new = state["fingerprint"], self.fingerprint
-            diff = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
+            old_config = old.get("config", {})
+            keys = list(new["config"]) + [k for k in old_config if k not in new["config"]]  # e.g. an order left out
+            diff = [k for k in keys if old_config.get(k) != new["config"].get(k)]
             diff += [k for k in ("model", "target", "instrument") if old.get(k) != new[k]]
             raise CulturalignError(
                 f"cannot resume {self.out}: its run used different settings ({', '.join(diff) or 'format'}); "
