@@ -250,7 +250,8 @@ def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, a
                                     "--soft-prompt", out, "--json", "-"], capsys)
     assert code == 0, stderr
     naive, soft = json.loads(stdout)
-    assert naive["order"] == "forward" and soft["order"] == "both"  # the profiles: forward; the prompt: its own order
+    assert naive["order"] == soft["order"] == "both"  # every profile in the order the soft prompt was aligned with
+    assert naive["l1"] == pytest.approx(result["profiles"]["naive"]["l1"], abs=1e-6)
     assert soft["l1"] == pytest.approx(result["profiles"]["aligned"]["l1"], abs=1e-6)
     code, stdout, stderr = run_cli(["survey", "--model", tiny_dir, "--country", "CN", "--soft-prompt", out,
                                     "--order", "reversed", "--json", "-"], capsys)

@@ -198,7 +198,7 @@ def survey(
     temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="Sampling temperature, >= 0; 0 = greedy (sample mode only). [default: 1.0]"),
     soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", metavar="DIR", help="A saved soft prompt folder (PEFT prompt-tuning format), profile 'soft'."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Random seed (sample mode only). [default: 0]"),
-    order: Optional[str] = typer.Option(None, "--order", metavar="ORDER", help=ORDER_HELP + " Default: forward, and for --soft-prompt the order it was aligned with."),
+    order: Optional[str] = typer.Option(None, "--order", metavar="ORDER", help=ORDER_HELP + " Default: forward; with --soft-prompt, the order it was aligned with (for every profile)."),
     json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the profile(s) here (- = standard output): one object for one profile, a list for several."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]; default cuda when available."),
 ):
@@ -240,21 +240,23 @@ def survey(
     constants = inst.constants(_parse_constants(constant))
     target = _target(ctx, country, targets, target_file) if (country is not None or target_file) else None
     sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None  # fails before the model loads
-    soft_order = order if order is not None or sp is None else _saved_order(sp, inst)
+    if order is None:  # every profile in the order the soft prompt was aligned with, so that they compare
+        order = "forward" if sp is None else _saved_order(sp, inst)
     lm = _load(model, device)
-    runs = [(p, p, None, None, order or "forward") for p in prompts]
+    runs = [(p, p, None, None) for p in prompts]
     if sp is not None:
         sp.check_width(lm.hidden_size)
-        runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings, sp.source, soft_order))
+        runs.append(("soft", sp.meta.get("prompt", "naive"), sp.embeddings, sp.source))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("items"),
                    TimeElapsedColumn(), console=console, transient=True)
     with bar:
-        for label, base, soft, source, asked in runs:
-            task = bar.add_task(f"{label} ({mode}{'' if asked == 'forward' else ', ' + asked + ' order'})", total=len(inst.items))
-            s = Survey(lm, inst, base, target, constants, order=asked)
+        for label, base, soft, source in runs:
+            shown_order = "" if order == "forward" else f", {order} order"
+            task = bar.add_task(f"{label} ({mode}{shown_order})", total=len(inst.items))
+            s = Survey(lm, inst, base, target, constants, order=order)
             if mode == "logprob":
                 r = s.result(soft, label, progress=lambda n, t=task: bar.update(t, completed=n))
             else:
@@ -268,7 +270,7 @@ def survey(
     print_profiles(results, shown)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
-        asked = sum((2 if r.order == "both" else 1) * samples * len(inst.items) for r in results)
+        asked = len(results) * samples * len(inst.items) * (2 if order == "both" else 1)
         shown.print(f"unparsable answers: {bad} of {asked}")
 
 
