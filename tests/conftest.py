@@ -19,6 +19,16 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+def _dfols_installed() -> bool:
+    from culturalign.config import dfols_missing
+
+    return dfols_missing() is None
+
+
+# DFO-LS (GPL-3.0-or-later) is an optional extra; `make test` installs it, and its tests run where it is installed.
+needs_dfols = pytest.mark.skipif(not _dfols_installed(), reason="DFO-LS is not installed: pip install 'culturalign[dfols]'")
+
+
 def _corpus() -> list[str]:
     from culturalign import load_instrument
     from culturalign.prompts import ANSWER_PREFIX, system_text, user_text

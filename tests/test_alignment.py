@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import needs_dfols
 from culturalign import CulturalignError, load_target
 from culturalign.alignment import CHECKPOINT, AlignConfig, Aligner
 from culturalign.cli import app
@@ -495,7 +496,7 @@ def method_config(name: str, **kw) -> AlignConfig:
     return config(optimizer=name, budget=budgets[name], lr=0.1, **kw)
 
 
-@pytest.mark.parametrize("name", ["cmaes", "random", "dfols", "adam-subspace"])
+@pytest.mark.parametrize("name", ["cmaes", "random", pytest.param("dfols", marks=needs_dfols), "adam-subspace"])
 def test_every_optimizer_aligns_and_resumes_exactly(name, tiny_lm, vsm, target, tmp_path):
     """Each method runs through the loop, writes the same outputs as DE, and an interrupted run resumes
     (natively or by replay) to the bit-identical result of an uninterrupted one."""

@@ -155,6 +155,17 @@ CASES = [
     ("survey-zero-samples", [*SURVEY, "--mode", "sample", "--samples", "0"], None, "--samples"),
     ("survey-samples-not-int", [*SURVEY, "--samples", "abc"], None, "--samples"),
     ("survey-unknown-option", [*SURVEY, "--popsize", "3"], None, "--popsize"),
+    # survey: option order
+    ("survey-order-unknown", [*SURVEY, "--order", "sideways"], None, "--order 'sideways'"),
+    ("survey-order-reversed-instrument", [*SURVEY, "--instrument", "vsm2013-reversed", "--order", "both"], None,
+     "'vsm2013-reversed' already presents its options in another order"),
+    ("survey-order-no-reversed-form", [*SURVEY, "--instrument", "{W}/i.json", "--order", "reversed"],
+     csv_file("i.json", '{"schema": "culturalign.instrument/1", "id": "same", "name": "x", "scales": {"s": ["a", "a"]},'
+              ' "answer_codes": [1, 2], "items": [{"id": 1, "text": "t", "scale": "s"}, {"id": 2, "text": "u", "scale": "s"}],'
+              ' "indices": {"A": {"terms": [{"weight": 1, "plus": 1, "minus": 2}]}}}'), "has no reversed form"),
+    ("survey-soft-bad-saved-order", [*SURVEY, "--soft-prompt", "{W}/sp"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "culturalign.json").write_text('{"order": "up"}')),
+     "order 'up'"),
     # survey: instruments
     ("survey-instrument-unknown", [*SURVEY, "--instrument", "vsm1994"], None, "vsm1994"),
     ("survey-instrument-dir", [*SURVEY, "--instrument", "{W}/idir"], lambda w, m: (w / "idir").mkdir(), "is a folder"),
@@ -235,6 +246,11 @@ CASES = [
     ("align-init-unknown", [*ALIGN, "--init", "zeros"], None, "'zeros'"),
     ("align-seed-negative", [*ALIGN, "--seed", "-1"], None, "--seed"),
     ("align-init-text-empty", [*ALIGN, "--init-text", " "], None, "--init-text"),
+    ("align-order-unknown", [*ALIGN, "--order", "sideways"], None, "--order 'sideways'"),
+    ("align-order-reversed-instrument", [*ALIGN, "--instrument", "vsm2013-reversed", "--order", "reversed"], None,
+     "already presents its options in another order"),
+    ("align-resume-other-order", ["align", "--out", "{W}/o", "--resume", "--order", "both"],
+     lambda w, m: checkpoint(w / "o", valid_checkpoint(False)), "--order 'both' differs from the run's 'forward'"),
     ("align-empty-country", ["align", "--model", "{M}", "--country", ""], None, "--country ''"),
     ("align-no-target", ["align", "--model", "{M}"], None, "--country"),
     ("align-constant-nan", [*ALIGN, "--constant", "LTO=nan"], None, "LTO=nan"),
@@ -284,6 +300,8 @@ CASES = [
      lambda w, m: ((w / "e").mkdir(), (w / "e" / "x").write_text("x")), "not empty"),
     ("eval-heldout-in-registry", ["committee", "eval", "--out", "{W}/e", "--heldout", "JP", "--model", "{M}", "--experts", "{W}/reg"],
      registry, "JP"),
+    ("eval-order-unknown", ["committee", "eval", "--out", "{W}/e", "--order", "sideways", "--model", "{M}"], None,
+     "--order 'sideways'"),
     ("eval-open-limit", ["committee", "eval", "--out", "{W}/e", "--open-limit", "-1", "--model", "{M}", "--experts", "{W}/reg"],
      registry, "--open-limit"),
     # serve: every setting is checked before the model loads and before anything listens
@@ -315,6 +333,11 @@ CASES = [
      "grid.targets[1].country: unknown country or region 'Atlantis'"),
     ("experiment-empty-grid", EXPERIMENT, csv_file("g.yaml", GRID.replace("[CN]", "[]")), "grid.targets: empty"),
     ("experiment-bad-setting", EXPERIMENT, csv_file("g.yaml", GRID.replace("sigma: 2.0", "sigma: .nan")), "settings.sigma"),
+    ("experiment-order-unknown", EXPERIMENT, csv_file("g.yaml", GRID.replace("sigma: 2.0", "sigma: 2.0, order: sideways")),
+     "settings.order: 'sideways'"),
+    ("experiment-order-reversed-instrument", EXPERIMENT,
+     csv_file("g.yaml", "instrument: vsm2013-reversed\n" + GRID.replace("sigma: 2.0", "sigma: 2.0, order: both")),
+     "settings.order: both: instrument 'vsm2013-reversed' already presents"),
     ("experiment-changed-file", EXPERIMENT, started_experiment, "(changed: settings.sigma)"),
     ("experiment-out-not-empty", EXPERIMENT, lambda w, m: (csv_file("g.yaml", GRID)(w, m), (w / "e").mkdir(),
                                                            (w / "e" / "x.txt").write_text("x")), "not empty"),
@@ -352,6 +375,15 @@ CASES = [
     ("heldout-bad-saved-prompt", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--model", "{M}"],
      lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "culturalign.json").write_text('{"prompt": "bogus"}')),
      "'bogus'"),
+    ("heldout-order-unknown", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--order", "up", "--model", "{M}"],
+     lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "--order 'up'"),
+    ("heldout-bad-saved-order", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), (w / "sp" / "culturalign.json").write_text('{"order": "up"}')),
+     "order 'up'"),
+    ("heldout-saved-order-reversed-instrument", ["heldout", "--soft-prompt", "{W}/sp", "--country", "CN", "--model", "{M}"],
+     lambda w, m: (soft_prompt(w / "sp", torch.zeros(2, HIDDEN)),
+                   (w / "sp" / "culturalign.json").write_text('{"order": "both", "instrument": "vsm2013-reversed"}')),
+     "already presents"),
     ("heldout-unknown-country", ["heldout", "--soft-prompt", "{W}/sp", "--country", "Atlantis", "--model", "{M}"],
      lambda w, m: soft_prompt(w / "sp", torch.zeros(2, HIDDEN)), "Atlantis"),
     ("heldout-targets-without-country", ["heldout", "--soft-prompt", "{W}/sp", "--targets", "hofstede-2023", "--model", "{M}"],
@@ -529,3 +561,17 @@ def test_random_target_files_and_constants(columns, rows, constants, tiny_lm, tm
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
         assert not out.exists()
+
+
+def test_align_dfols_without_the_package(workspace, tiny_dir, monkeypatch, capsys):
+    """DFO-LS is an optional extra (GPL-3.0-or-later): without it, --optimizer dfols is one line saying how to get it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dfols", None)  # `import dfols` fails, as when it is not installed
+    before = _snapshot(workspace)
+    argv = [a.replace("{M}", str(tiny_dir)) for a in ALIGN] + ["--optimizer", "dfols", "--out", str(workspace / "o")]
+    code, stdout, stderr = run_cli(argv, capsys)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --optimizer dfols needs the DFO-LS package")
+    assert "pip install 'culturalign[dfols]'" in lines[0] and "Traceback" not in stdout + stderr
+    assert _snapshot(workspace) == before

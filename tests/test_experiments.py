@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import needs_dfols
 
 from culturalign import CulturalignError
 from culturalign.alignment import OPTIMIZERS
@@ -124,6 +125,12 @@ def test_shipped_experiment_files():
     assert [(t.iso2, t.set_name) for t in paper.targets] == [("SA", "hofstede-2023"), ("US", "hofstede-2015"),
                                                              ("CN", "hofstede-2015"), ("IN", "hofstede-2015")]
     assert paper.optimizers == ["de"] and paper.seeds == [0] and {c.budget for c in paper.cells} == {200}
+
+
+@needs_dfols
+def test_shipped_experiment_files_with_dfols():
+    """china.yaml and china-seeds.yaml run dfols too (the optional DFO-LS extra)."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
     china = load_spec(root / "china.yaml")
     assert china.optimizers == ["adam-subspace", "cmaes", "random", "adam", "dfols"]
     assert {c.optimizer: c.budget for c in china.cells} == {"adam-subspace": 30, "cmaes": 200, "random": 200,

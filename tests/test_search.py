@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import needs_dfols
 
 from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, Evaluation, LoopState, RandomSearch,
                                 SGNConfig, SubspaceGaussNewton, minimize)
@@ -48,7 +49,7 @@ def make(name, seed=0):
 
 
 SGN = SGNConfig(probes=4, steps=2, directions="gaussian", max_norm=0)
-NAMES = ["de", "cmaes", "dfols", "random", "adam", "sgn"]
+NAMES = ["de", "cmaes", pytest.param("dfols", marks=needs_dfols), "random", "adam", "sgn"]
 
 
 def start_loss():
@@ -68,7 +69,7 @@ def test_every_method_improves_within_the_budget(name):
     assert h[-1]["evaluations"] == res.nfev
 
 
-@pytest.mark.parametrize("name", ["dfols", "sgn"])
+@pytest.mark.parametrize("name", [pytest.param("dfols", marks=needs_dfols), "sgn"])
 def test_residual_methods_solve_a_linear_problem(name):
     """A linear residual model is home ground for the Gauss-Newton methods: far closer to the optimum than random."""
     res = minimize(Linear(), make(name), 40)
@@ -167,3 +168,29 @@ def test_the_registry_names_every_method():
     assert Adam.needs_gradient and not any(c.needs_gradient for c in black_box)
     assert CMAES.resume == DFOLS.resume == "replay"
     assert DE.resume == RandomSearch.resume == Adam.resume == SubspaceGaussNewton.resume == "native"
+
+
+# ---- DFO-LS is an optional extra (GPL-3.0-or-later) -------------------------------------------------------
+
+def test_dfols_without_the_package_is_one_error_saying_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from culturalign import CulturalignError
+    from culturalign.alignment import AlignConfig
+    from culturalign.config import dfols_missing
+    from culturalign.experiments import load_spec
+
+    monkeypatch.setitem(sys.modules, "dfols", None)  # as if DFO-LS were not installed: `import dfols` fails
+    message = dfols_missing()
+    assert message == ("--optimizer dfols needs the DFO-LS package, which is not installed; it is an optional extra "
+                       "(GPL-3.0-or-later): pip install 'culturalign[dfols]'")
+    with pytest.raises(CulturalignError) as e:
+        AlignConfig(optimizer="dfols", budget=40).validate()
+    assert str(e.value) == message
+    with pytest.raises(CulturalignError, match=r"pip install 'culturalign\[dfols\]'"):
+        DFOLS(DIM, 0)
+    AlignConfig(optimizer="de").validate()  # every other method works without it
+    f = tmp_path / "g.yaml"
+    f.write_text("grid:\n  targets: [CN]\n  optimizers: [de, dfols]\n  budget: 40\n")
+    with pytest.raises(CulturalignError, match=r"g.yaml: grid.optimizers\[1\]: --optimizer dfols needs the DFO-LS package"):
+        load_spec(f)

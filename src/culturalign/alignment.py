@@ -16,7 +16,6 @@ candidate evaluation is one full survey; the budget counts them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,7 @@ CHECKPOINT = "checkpoint.json"
 
 def _fingerprint(cfg: AlignConfig, backend: Backend, target: Target, instrument: Instrument) -> dict:
     """What a resumed run must share with the checkpoint: every setting except the budget (which may grow)."""
-    config = json.loads(json.dumps(asdict(cfg)))
+    config = cfg.fingerprint_json()
     config.pop("budget")
     return {"config": config, "model": backend.name, "target": target.to_json(), "instrument": instrument.id}
 
@@ -115,7 +114,7 @@ class Aligner:
         if config.uses_projection:
             Projection.check_dim(config.dim, config.tokens * backend.hidden_size)
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
-        self.survey = Survey(backend, instrument, config.prompt, target, config.constants)
+        self.survey = Survey(backend, instrument, config.prompt, target, config.constants, order=config.order)
         self.fingerprint = _fingerprint(config, backend, target, instrument)
         self.profiles: list = []  # naive, icl, aligned SurveyResults once `run()` has finished
         self.uniform = None  # and the uniform floor (`survey.uniform_result`)
@@ -143,7 +142,9 @@ class Aligner:
         done = state["history"][-1]["evaluations"]
         if state["fingerprint"] != self.fingerprint:
             old, new = state["fingerprint"], self.fingerprint
-            diff = [k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k]]
+            old_config = old.get("config", {})
+            keys = list(new["config"]) + [k for k in old_config if k not in new["config"]]  # e.g. an order left out
+            diff = [k for k in keys if old_config.get(k) != new["config"].get(k)]
             diff += [k for k in ("model", "target", "instrument") if old.get(k) != new[k]]
             raise CulturalignError(
                 f"cannot resume {self.out}: its run used different settings ({', '.join(diff) or 'format'}); "
@@ -235,10 +236,13 @@ class Aligner:
         best, history, final = self._search(state, p0)
         search_seconds = time.perf_counter() - self.t_start
         meta = {"prompt": self.cfg.prompt, "instrument": self.instrument.id, "model": self.backend.name,
-                "target": self.target.to_json(), "optimizer": self.cfg.optimizer, "best_loss": history[-1]["best_loss"]}
+                "target": self.target.to_json(), "optimizer": self.cfg.optimizer, "best_loss": history[-1]["best_loss"],
+                "order": self.cfg.order}
         SoftPrompt(best, meta).save(self.out, self.backend.name, self.backend)
-        naive = Survey(self.backend, self.instrument, "naive", self.target, self.cfg.constants).result(label="naive")
-        icl = Survey(self.backend, self.instrument, "icl", self.target, self.cfg.constants).result(label="icl")
+        naive = Survey(self.backend, self.instrument, "naive", self.target, self.cfg.constants,
+                       order=self.cfg.order).result(label="naive")
+        icl = Survey(self.backend, self.instrument, "icl", self.target, self.cfg.constants,
+                     order=self.cfg.order).result(label="icl")
         aligned = self.survey.result(best, label="aligned")
         uniform = uniform_result(self.instrument, self.target, self.survey.constants)  # the floor, no model call
         result = {

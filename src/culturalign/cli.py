@@ -67,8 +67,12 @@ out = Console()
 MODEL_HELP = "smollm2-135m (embedded default), a local Hugging Face model directory, or a hub id."
 COUNTRY_HELP = "Target country or region: ISO code (CN, CHN), Hofstede code (CHI) or name (China)."
 TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --target-file)."
+ORDER_HELP = ("Option order of the items: forward (as the instrument lists them), reversed (every item's options listed "
+              "in reverse, answers mapped back to the codes), or both (each item asked both ways in one batch and the "
+              "two answer distributions averaged: cancels a bias for an answer position).")
 OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de (Differential Evolution, the paper's "
-                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals), "
+                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals; "
+                  "GPL-3.0-or-later, so an optional extra: the package's dfols extra), "
                   "random (the floor). White-box references: adam (gradient descent on the full prompt), adam-subspace "
                   "(gradients through the same projection the black-box methods search).")
 
@@ -194,6 +198,7 @@ def survey(
     temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="Sampling temperature, >= 0; 0 = greedy (sample mode only). [default: 1.0]"),
     soft_prompt: Optional[Path] = typer.Option(None, "--soft-prompt", metavar="DIR", help="A saved soft prompt folder (PEFT prompt-tuning format), profile 'soft'."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Random seed (sample mode only). [default: 0]"),
+    order: Optional[str] = typer.Option(None, "--order", metavar="ORDER", help=ORDER_HELP + " Default: forward; with --soft-prompt, the order it was aligned with (for every profile)."),
     json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the profile(s) here (- = standard output): one object for one profile, a list for several."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]; default cuda when available."),
 ):
@@ -206,7 +211,7 @@ def survey(
     from culturalign.prompts import PROFILES
     from culturalign.reports import print_profiles
     from culturalign.softprompt import SoftPrompt
-    from culturalign.survey import MODES, Survey, uniform_result
+    from culturalign.survey import MODES, Survey, check_order, uniform_result
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -230,9 +235,13 @@ def survey(
     if json_path is not None:
         check_output_file(json_path, "--json")
     inst = load_instrument(instrument)
+    if order is not None:
+        check_order(order, inst)
     constants = inst.constants(_parse_constants(constant))
     target = _target(ctx, country, targets, target_file) if (country is not None or target_file) else None
     sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None  # fails before the model loads
+    if order is None:  # every profile in the order the soft prompt was aligned with, so that they compare
+        order = "forward" if sp is None else _saved_order(sp, inst)
     lm = _load(model, device)
     runs = [(p, p, None, None) for p in prompts]
     if sp is not None:
@@ -245,8 +254,9 @@ def survey(
                    TimeElapsedColumn(), console=console, transient=True)
     with bar:
         for label, base, soft, source in runs:
-            task = bar.add_task(f"{label} ({mode})", total=len(inst.items))
-            s = Survey(lm, inst, base, target, constants)
+            shown_order = "" if order == "forward" else f", {order} order"
+            task = bar.add_task(f"{label} ({mode}{shown_order})", total=len(inst.items))
+            s = Survey(lm, inst, base, target, constants, order=order)
             if mode == "logprob":
                 r = s.result(soft, label, progress=lambda n, t=task: bar.update(t, completed=n))
             else:
@@ -265,7 +275,8 @@ def survey(
                 highlight=False, soft_wrap=True)
     if mode == "sample":
         bad = sum(r.extra["unparsable"] for r in results)
-        shown.print(f"unparsable answers: {bad} of {len(results) * samples * len(inst.items)}")
+        asked = len(results) * samples * len(inst.items) * (2 if order == "both" else 1)
+        shown.print(f"unparsable answers: {bad} of {asked}")
 
 
 ALIGN_EPILOG = ("Resume: `culturalign align --out DIR --resume` continues DIR with its saved settings; add a larger --budget "
@@ -309,6 +320,7 @@ def align(
     mass_weight: float = typer.Option(_D.mass_weight, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off)."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
     instrument: str = typer.Option("vsm2013", "--instrument", metavar="ID|FILE", help="Built-in instrument id or a JSON file."),
+    order: str = typer.Option(_D.order, "--order", metavar="ORDER", help=ORDER_HELP + " The search, the naive, icl and aligned profiles all use it; the soft prompt records it."),
     out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder, new or empty (default runs/<country>-<optimizer>-s<seed>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, with its saved settings (a larger --budget extends a finished run)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
@@ -324,6 +336,7 @@ def align(
     from culturalign.alignment import CHECKPOINT, AlignConfig, Aligner, inspect_out
     from culturalign.instrument import load_instrument
     from culturalign.reports import print_profiles
+    from culturalign.survey import check_order
     from culturalign.targets import Target
 
     try:
@@ -359,8 +372,9 @@ def align(
             crossover=crossover, strategy=strategy, bound=bound, sigma=sigma,
             cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, probes=probes, sgn_steps=sgn_steps, window=window,
             directions=directions, probe_size=probe_size, radius=radius, max_norm=max_norm, mass_floor=mass_floor,
-            mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)),
+            mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)), order=order,
         ).validate()
+        check_order(cfg.order, inst)
         if out_dir is None:
             slug = "".join(ch if ch.isalnum() else "-" for ch in (target.iso2 or target.code or target.name)).strip("-")
             out_dir = Path("runs") / f"{slug}-{cfg.optimizer}-s{cfg.seed}"
@@ -404,7 +418,8 @@ def align(
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
 RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize",
              "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "probes",
-             "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "mass_floor", "mass_weight")
+             "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "mass_floor", "mass_weight",
+             "order")
 
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
@@ -416,10 +431,11 @@ def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, m
         values["mutation"] = tuple(values["mutation"])
     typed = {**typed, "mutation": mutation[0] if len(mutation) == 1 else tuple(mutation)}
     for name in RESUMABLE:
-        if _given(ctx, name) and typed[name] != values.get(name):
+        saved_value = values.get(name, getattr(_D, name))  # a setting newer than the checkpoint: its default
+        if _given(ctx, name) and typed[name] != saved_value:
             flag = "--" + name.replace("_", "-")
             raise CulturalignError(
-                f"{flag} {typed[name]!r} differs from the run's {values.get(name)!r}; leave it out to continue with "
+                f"{flag} {typed[name]!r} differs from the run's {saved_value!r}; leave it out to continue with "
                 "the saved settings"
             )
     if _given(ctx, "constant"):
@@ -664,6 +680,7 @@ def committee_eval(
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Ask only the first N queries with options (default: all)."),
     top_k: int = typer.Option(3, "--top-k", metavar="K", help="At most K experts answer."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", metavar="N", help="Tokens per expert answer to an open question."),
+    order: str = typer.Option("forward", "--order", metavar="ORDER", help=ORDER_HELP + " Applies to the alignment metric's survey items."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
@@ -684,6 +701,7 @@ def committee_eval(
         raise CulturalignError(f"--open-limit must be >= 0, got {open_limit}")
     if limit is not None and limit < 1:
         raise CulturalignError(f"--limit must be >= 1, got {limit}")
+    EvalConfig([], [], order=order)  # the order (and the variants' reversed forms) checked before the model loads
     check_output_dir(out_dir, "--out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise CulturalignError(f"--out {str(out_dir)!r} is not empty; choose a new or empty folder")
@@ -697,7 +715,8 @@ def committee_eval(
         raise CulturalignError(f"--heldout {heldout!r}: {', '.join(overlap)} have experts in the registry; hold out others")
     targets = {c: _registry_target(committee.registry[c]) for c in reg_codes}
     targets.update({c: t for c, t in held_targets.items()})
-    cfg = EvalConfig(registry_cultures=reg_codes, heldout_cultures=held, open_limit=open_limit, query_limit=limit)
+    cfg = EvalConfig(registry_cultures=reg_codes, heldout_cultures=held, open_limit=open_limit, query_limit=limit,
+                     order=order)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     stages: dict = {}
@@ -711,7 +730,7 @@ def committee_eval(
         result = Evaluator(committee, qs, cfg, targets, progress=update).run()
     settings = {"model": committee.backend.name, "experts": str(committee.registry.path), "registry_cultures": reg_codes,
                 "heldout_cultures": held, "queries": str(queries) if queries else "shipped", "open_limit": open_limit,
-                "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens}
+                "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens, "order": order}
     write_eval(out_dir, result, settings)
     spec = specificity_lines(result.metrics.get("specificity"))
     for line in metrics_table(result.metrics) + [""] + router_lines(result.metrics["router"]) + ([""] + spec if spec else []):
@@ -825,6 +844,20 @@ def experiment(
 
 # ---- held-out checks -----------------------------------------------------------------------------------
 
+def _saved_order(sp, inst) -> str:
+    """The option order a soft prompt was aligned with (its culturalign.json; forward when it names none)."""
+    from culturalign.survey import ORDERS, check_order
+
+    saved = sp.meta.get("order", "forward")
+    if saved not in ORDERS:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r}: culturalign.json names order {saved!r}; expected one "
+                               f"of {', '.join(ORDERS)} (or give --order)")
+    try:
+        return check_order(saved, inst)
+    except CulturalignError as e:
+        raise CulturalignError(f"soft prompt {sp.source['path']!r} was aligned with {e}") from None
+
+
 def _soft_prompt_target(sp, ctx, country, targets, target_file):
     """--country/--target-file when given, else the target saved in the soft prompt's culturalign.json."""
     from culturalign.targets import Target
@@ -905,6 +938,7 @@ def heldout(
     mcq_file: Optional[Path] = typer.Option(None, "--mcq-file", metavar="FILE", help="Questions for the MCQ check (see `culturalign mcq --help`). Default: the shipped set."),
     text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="Text for the perplexity check (UTF-8). Default: the shipped neutral text."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50. Default 0 for all."),
+    order: Optional[str] = typer.Option(None, "--order", metavar="ORDER", help=ORDER_HELP + " Default: the order the soft prompt was aligned with (its culturalign.json), else forward."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", metavar="MODEL", help=MODEL_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write every check's numbers as JSON (- = standard output)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
@@ -926,6 +960,7 @@ def heldout(
     from culturalign.instrument import load_instrument
     from culturalign.prompts import PROFILES
     from culturalign.softprompt import SoftPrompt
+    from culturalign.survey import check_order
 
     sp = SoftPrompt.load(soft_prompt)
     target = _soft_prompt_target(sp, ctx, country, targets, target_file)
@@ -935,6 +970,10 @@ def heldout(
                                f"of {', '.join(PROFILES)}")
     instrument = sp.meta.get("instrument", "vsm2013")
     inst = load_instrument(instrument)
+    if order is not None:
+        check_order(order, inst)
+    else:
+        order = _saved_order(sp, inst)
     constants = inst.constants(_parse_constants(constant))
     load_mcq(mcq_file)  # bad inputs fail before the model loads
     load_text(text)
@@ -954,7 +993,7 @@ def heldout(
     t0 = time.perf_counter()
     with bar:
         result = run_heldout(lm, sp, target, prompt=profile, constants=constants, mcq_file=mcq_file, progress=update,
-                             instrument=instrument, text_file=text)
+                             instrument=instrument, text_file=text, order=order)
     shown = _emit_json(json_path, result)
     shown.print(heldout_table(result))
     shown.print("change = with - without (ratio with / without for perplexity); gain kept = (L1 without - L1 with) on "

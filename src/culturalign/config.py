@@ -14,6 +14,24 @@ from culturalign.errors import CulturalignError
 OPTIMIZERS = ("de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace")
 POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 INITS = ("text", "vocab", "random")
+# fields added after runs were first recorded: left out of fingerprints at their defaults (AlignConfig.fingerprint_json)
+LATER_FIELDS = ("order", "probes", "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm")
+DFOLS_EXTRA = "pip install 'culturalign[dfols]'"
+
+
+def dfols_missing() -> str | None:
+    """Why `--optimizer dfols` cannot run here (DFO-LS, GPL-3.0-or-later, is an optional extra), or None."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("dfols") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"--optimizer dfols needs the DFO-LS package, which is not installed; it is an optional extra "
+            f"(GPL-3.0-or-later): {DFOLS_EXTRA}")
+ORDERS = ("forward", "reversed", "both")  # option order of the items (culturalign.survey.ORDERS)
 
 
 @dataclass
@@ -46,13 +64,18 @@ class AlignConfig:
     mass_floor: float = 0.5
     mass_weight: float = 100.0
     constants: dict[str, float] = field(default_factory=dict)
+    order: str = "forward"  # options as presented, reversed, or both orders averaged (see culturalign.survey)
 
     def validate(self) -> "AlignConfig":
         """Check every field before any work starts; errors name the command-line flag."""
         if self.optimizer not in OPTIMIZERS:
             raise CulturalignError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "dfols" and dfols_missing():
+            raise CulturalignError(dfols_missing())
         if self.init not in INITS:
             raise CulturalignError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
+        if self.order not in ORDERS:
+            raise CulturalignError(f"--order {self.order!r}: expected one of {', '.join(ORDERS)}")
         for flag, value in (("--budget", self.budget), ("--tokens", self.tokens), ("--dim", self.dim)):
             if value < 1:
                 raise CulturalignError(f"{flag} must be at least 1, got {value}")
@@ -113,6 +136,20 @@ class AlignConfig:
             for field_, f in flag.items():
                 msg = msg.replace(f"sgn {field_} ", f"{f} ", 1)
             raise CulturalignError(msg) from None
+
+    def fingerprint_json(self) -> dict:
+        """The settings as JSON for the records that a later run is compared with (a checkpoint's
+        fingerprint, an experiment's cells). Fields added later (`order`, the sgn settings) are left out at
+        their defaults, so runs and experiments recorded before them still match."""
+        import json
+        from dataclasses import asdict
+
+        config = json.loads(json.dumps(asdict(self)))
+        default = AlignConfig()
+        for name in LATER_FIELDS:
+            if name in config and getattr(self, name) == getattr(default, name):
+                config.pop(name)
+        return config
 
     @property
     def batch_size(self) -> int:

@@ -125,6 +125,21 @@ class Instrument:
         src = self.source[: -len(REVERSED)] if self.source.endswith(REVERSED) else (self.source + REVERSED if self.source else "")
         return replace(self, id=rid, items=items, source=src)
 
+    def reverse_problem(self) -> str | None:
+        """Why this instrument has no reversed form to ask next to it (`--order reversed|both`), or None.
+
+        The order setting reverses the options of an instrument presented in its natural order. An
+        instrument whose options are already presented in another order (`vsm2013-reversed`, or items with
+        an `order`) has none: reversing it again would ask the natural order under the name "reversed".
+        Nor has one on which reversing changes no item (every scale reads the same both ways).
+        """
+        if self.presentation is not None:
+            hint = f"; use {self.id[: -len(REVERSED)]!r} with --order reversed" if self.id.endswith(REVERSED) else ""
+            return f"instrument {self.id!r} already presents its options in another order{hint}"
+        if all(it.options == tuple(reversed(it.options)) for it in self.items):
+            return f"instrument {self.id!r} has no reversed form: every item's options read the same in reverse"
+        return None
+
     @property
     def presentation(self) -> np.ndarray | None:
         """[I, K] for each item, the option index shown at each position (None when every item is in natural order)."""

@@ -8,6 +8,15 @@ call, generation in sample mode.
 
 Sample mode is the Cultural Alignment Test's: generate N answers per item at a temperature and parse
 the code; unparsable answers are counted, never dropped silently.
+
+Option order (`order`, the `--order` flag): `forward` asks the items as the instrument presents them;
+`reversed` asks every item with its options listed in reverse order (`Instrument.reversed`); `both`
+asks both forms and averages the two distributions, after mapping the answers back to the answer
+codes, which cancels a plain bias for an answer position or label (PriDe, Zheng et al., ICLR 2024).
+In logprob mode the forward and reversed prompts form one prompt set, asked in one
+`Backend.option_distributions` call, so prefix sharing still applies; option mass is the mean of the
+two. In sample mode each order is sampled as a run of its own would sample it, with the same seed,
+so `both` is exactly the mean of the `forward` and `reversed` runs.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 import torch
 
 from culturalign.backends import Backend, Distributions, GenerationRequest
+from culturalign.config import ORDERS  # forward, reversed, both: one definition, light to import
 from culturalign.errors import CulturalignError
 from culturalign.instrument import Instrument
 from culturalign.prompts import ANSWER_PREFIX, encode_items
@@ -36,6 +46,27 @@ def parse_answer(text: str, codes) -> int | None:
     if m and int(m.group(1)) in codes:
         return int(m.group(1))
     return None
+
+
+def check_order(order, instrument: Instrument | None = None) -> str:
+    """`order` if it is one of ORDERS and `instrument` (when given) can be asked in it; else one error line."""
+    if order not in ORDERS:
+        raise CulturalignError(f"--order {order!r}: expected one of {', '.join(ORDERS)}")
+    if order != "forward" and instrument is not None:
+        problem = instrument.reverse_problem()
+        if problem:
+            raise CulturalignError(f"--order {order}: {problem}")
+    return order
+
+
+def order_forms(instrument: Instrument, order: str) -> list[Instrument]:
+    """The instrument's forms an order asks: [itself], [its reversed form], or both (forward first)."""
+    check_order(order, instrument)
+    if order == "forward":
+        return [instrument]
+    if order == "reversed":
+        return [instrument.reversed()]
+    return [instrument, instrument.reversed()]
 
 
 @dataclass
@@ -93,6 +124,7 @@ class SurveyResult:
     indices: dict[str, float]
     target: Target | None = None
     extra: dict = field(default_factory=dict)
+    order: str = "forward"
 
     @property
     def l1(self) -> float | None:
@@ -116,7 +148,7 @@ class SurveyResult:
         return {
             "culturalign_version": __version__,
             "model": self.model, "instrument": self.instrument, "prompt": self.prompt, "mode": self.mode,
-            "constants": self.constants, "items": self.items, "indices": self.indices,
+            "order": self.order, "constants": self.constants, "items": self.items, "indices": self.indices,
             "target": None if self.target is None else self.target.to_json(),
             "l1": self.l1, "l1_dims": self.l1_dims, "missing_dims": self.missing_dims,
             "mean_option_mass": self.mean_option_mass, **self.extra,
@@ -147,18 +179,32 @@ def uniform_result(instrument: Instrument, target: Target | None = None, constan
 
 
 class Survey:
-    """The instrument, as asked of one model under one prompt profile, scored against one target."""
+    """The instrument, as asked of one model under one prompt profile, scored against one target.
+
+    `order`: forward (as the instrument presents its options), reversed, or both (see the module
+    docstring). `sequences` holds every prompt asked, form after form (2 x items for `both`)."""
 
     def __init__(self, backend: Backend, instrument: Instrument, prompt: str = "naive", target: Target | None = None,
-                 constants: dict[str, float] | None = None, answer_prefix: str = ANSWER_PREFIX):
+                 constants: dict[str, float] | None = None, answer_prefix: str = ANSWER_PREFIX, order: str = "forward"):
         self.backend, self.instrument, self.prompt, self.target = backend, instrument, prompt, target
         self.constants = instrument.constants(constants)
-        self.sequences, self.option_ids = encode_items(backend.tokenizer, instrument, prompt, target, answer_prefix)
-        sections: dict[str, list[int]] = {}
-        for i, it in enumerate(instrument.items):
-            if it.section:
-                sections.setdefault(it.section, []).append(i)
-        self.prompts = backend.prompt_set(self.sequences, list(sections.values()))
+        self.order = check_order(order, instrument)
+        self.forms = order_forms(instrument, order)
+        self.sequences, groups = [], []
+        for form in self.forms:
+            seqs, option_ids = encode_items(backend.tokenizer, form, prompt, target, answer_prefix)
+            if self.sequences and option_ids != self.option_ids:
+                raise CulturalignError("the reversed items end in other answer-code tokens than the forward ones")
+            sections: dict[str, list[int]] = {}
+            for i, it in enumerate(form.items):
+                if it.section:
+                    sections.setdefault(it.section, []).append(len(self.sequences) + i)
+                elif len(self.forms) > 1:  # with two orders, each order's items without a section share a stage
+                    sections.setdefault(None, []).append(len(self.sequences) + i)
+            groups += list(sections.values())
+            self.sequences += seqs
+            self.option_ids = option_ids
+        self.prompts = backend.prompt_set(self.sequences, groups)
         if target is not None:
             dims = [d for d in instrument.dims if d in target.scores]
             if not dims:
@@ -170,14 +216,26 @@ class Survey:
         """[P, I, K] answer distributions (I items), in answer-code order; `soft` as `Backend.option_distributions`
         takes it; `progress(n)` is called with the number of items answered so far.
 
-        An item whose options are presented in another order (`Item.order`, e.g. a reversed instrument) is
-        asked in that order, and its distribution is mapped back to the original codes here, before
-        anything is scored."""
+        An item whose options are presented in another order (`Item.order`, e.g. a reversed instrument or
+        `order="reversed"`) is asked in that order, and its distribution is mapped back to the original
+        codes here, before anything is scored. With `order="both"` the forward and reversed prompts are
+        asked in this one call, and each item's two distributions (and option masses) are averaged."""
+        k = len(self.forms)
+        if progress is not None and k > 1:
+            report = progress
+
+            def progress(done):  # prompts answered -> items answered in both orders
+                report(done // k)
         if progress is None:
             d = self.backend.option_distributions(self.prompts, self.option_ids, soft)
         else:
             d = self.backend.option_distributions(self.prompts, self.option_ids, soft, progress=progress)
-        return Distributions(self.instrument.to_code_order(d.probs), d.mass)
+        if k == 1:
+            return Distributions(self.forms[0].to_code_order(d.probs), d.mass)
+        n = len(self.instrument.items)
+        probs = [f.to_code_order(d.probs[..., j * n:(j + 1) * n, :]) for j, f in enumerate(self.forms)]
+        mass = [d.mass[..., j * n:(j + 1) * n] for j in range(k)]
+        return Distributions(sum(probs) / k, sum(mass) / k)
 
     def indices(self, dists: Distributions) -> torch.Tensor:
         """[P, n_indices] index scores from answer distributions (differentiable)."""
@@ -218,17 +276,30 @@ class Survey:
         t0 = time.perf_counter()
         if soft is not None and soft.dim() == 2:
             soft = soft.unsqueeze(0)
-        s = sample_answers(self.backend, self.sequences, self.instrument.codes, n, temperature, soft, seed)
-        s.counts = self.instrument.to_code_order(s.counts)  # parsed labels are presented positions
-        parsed = s.counts.sum(1)
-        if (parsed == 0).any():
-            missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]
-            raise CulturalignError(
-                f"no parsable answer for item(s) {missing} in {n} samples; raise --samples or use --mode logprob"
-            )
+        m, runs = len(self.instrument.items), []
+        for j, form in enumerate(self.forms):  # each order as its own run would sample it (same seed)
+            s = sample_answers(self.backend, self.sequences[j * m:(j + 1) * m], self.instrument.codes, n, temperature,
+                               soft, seed)
+            s.counts = form.to_code_order(s.counts)  # parsed labels are presented positions
+            parsed = s.counts.sum(1)
+            if (parsed == 0).any():
+                missing = [self.instrument.items[i].id for i in np.flatnonzero(parsed == 0)]
+                where = "" if len(self.forms) == 1 else f" (options in {('forward', 'reversed')[j]} order)"
+                raise CulturalignError(
+                    f"no parsable answer for item(s) {missing}{where} in {n} samples; raise --samples or use --mode logprob"
+                )
+            runs.append((s, parsed))
+        if len(runs) == 1:
+            s, parsed = runs[0]
+            probs, mass = s.counts / parsed[:, None], parsed / n
+        else:  # the mean of the two orders' answer frequencies and parsed shares
+            probs = sum(r.counts / p[:, None] for r, p in runs) / len(runs)
+            mass = sum(p / n for _, p in runs) / len(runs)
+            s = Samples(sum(r.counts for r, _ in runs), sum(r.unparsable for r, _ in runs),
+                        [(a + b)[:3] for a, b in zip(runs[0][0].examples, runs[1][0].examples)])
         extra = {"seconds": round(time.perf_counter() - t0, 3), "samples_per_item": n, "temperature": temperature,
                  "unparsable": int(s.unparsable.sum())}
-        res = self._result(s.counts / parsed[:, None], parsed / n, label, "sample", extra)
+        res = self._result(probs, mass, label, "sample", extra)
         for it, bad, ex in zip(res.items, s.unparsable, s.examples):
             it["unparsable"] = int(bad)
             if ex:
@@ -250,5 +321,5 @@ class Survey:
         return SurveyResult(
             model=self.backend.name, instrument=self.instrument.id, prompt=label or self.prompt, mode=mode,
             constants=self.constants, items=items, indices=self.instrument.score_dict(means, self.constants),
-            target=self.target, extra=extra,
+            target=self.target, extra=extra, order=self.order,
         )

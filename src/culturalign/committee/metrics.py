@@ -172,12 +172,20 @@ class EvalConfig:
     open_limit: int = 8  # open questions asked per system (generation is the slow part)
     query_limit: int | None = None  # all option queries by default
     target_set: str = "hofstede-2015"
+    order: str = "forward"  # option order of the alignment metric's survey items (culturalign.survey.ORDERS)
 
     def __post_init__(self):
         if self.open_limit < 0:
             raise CulturalignError(f"--open-limit must be >= 0, got {self.open_limit}")
         if self.query_limit is not None and self.query_limit < 1:
             raise CulturalignError(f"--limit must be >= 1, got {self.query_limit}")
+        from culturalign.instrument import load_instrument
+        from culturalign.survey import check_order
+
+        check_order(self.order)
+        if self.order != "forward":
+            for v in self.variants:
+                check_order(self.order, load_instrument(v))
 
 
 @dataclass
@@ -215,13 +223,14 @@ class Evaluator:
         soft = torch.stack([c.registry[k].embeddings for k in codes])
         cultures = list(self.cfg.registry_cultures) + list(self.cfg.heldout_cultures)
         total, done = len(self.cfg.variants) * (2 + len(cultures)), 0
+        order = self.cfg.order
         for variant in self.cfg.variants:
             inst = load_instrument(variant)
             with torch.no_grad():
-                naive = Survey(c.backend, inst, "naive").distributions().probs[0].double().cpu()  # [I, K]
+                naive = Survey(c.backend, inst, "naive", order=order).distributions().probs[0].double().cpu()  # [I, K]
                 done += 1
                 self.progress("alignment", done, total)
-                experts = Survey(c.backend, inst, "naive").distributions(soft).probs.double().cpu()  # [E, I, K]
+                experts = Survey(c.backend, inst, "naive", order=order).distributions(soft).probs.double().cpu()  # [E, I, K]
                 done += 1
                 self.progress("alignment", done, total)
             expert_means = (experts @ torch.tensor(inst.codes, dtype=torch.float64)).numpy()  # [E, I]
@@ -229,7 +238,7 @@ class Evaluator:
             for culture in cultures:
                 target = self.targets[culture]
                 with torch.no_grad():
-                    persona = Survey(c.backend, inst, "persona", target).distributions().probs[0].double().cpu()
+                    persona = Survey(c.backend, inst, "persona", target, order=order).distributions().probs[0].double().cpu()
                 done += 1
                 self.progress("alignment", done, total)
                 tables = {"naive": naive, "persona": persona}

@@ -354,7 +354,7 @@ def run_heldout_cells(exp: Experiment, out: str | Path, states: list[CellState],
         cfg = s.cell.config
         sp = SoftPrompt.load(s.out, backend.hidden_size)
         result = run_heldout(backend, sp, s.cell.target, prompt=cfg.prompt, constants=cfg.constants,
-                             instrument=exp.instrument.source or exp.instrument.id)
+                             instrument=exp.instrument.source or exp.instrument.id, order=cfg.order)
         atomic_write_json(s.out / HELDOUT_FILE, result)
     for s in states:
         if (s.out / "result.json").is_file():

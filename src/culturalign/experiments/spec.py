@@ -141,7 +141,7 @@ class Experiment:
         from culturalign.files import dumps
         import json
 
-        cells = {c.name: dataclasses.asdict(c.config) for c in self.cells}
+        cells = {c.name: c.config.fingerprint_json() for c in self.cells}
         return json.loads(dumps({
             "name": self.name, "model": self.model, "instrument": self.instrument.source or self.instrument.id,
             "grid": {"targets": [{"country": _code(t), "set": t.set_name, "name": t.name} for t in self.targets],
@@ -325,6 +325,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     each cell's `AlignConfig.validate()`. Nothing is written.
     """
     from culturalign.alignment import OPTIMIZERS, AlignConfig
+    from culturalign.config import dfols_missing
     from culturalign.instrument import load_instrument
     from culturalign.targets import load_target
 
@@ -356,6 +357,8 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     for i, name in enumerate(grid.optimizers):
         if name not in OPTIMIZERS:
             raise CulturalignError(f"{where}: grid.optimizers[{i}]: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if name == "dfols" and dfols_missing():
+            raise CulturalignError(f"{where}: grid.optimizers[{i}]: {dfols_missing()}")
         if grid.optimizers.index(name) != i:
             raise CulturalignError(f"{where}: grid.optimizers[{i}]: {name!r} is given twice")
     for i, seed in enumerate(grid.seeds):
@@ -417,6 +420,9 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
                     else:
                         at = f"grid.optimizers[{grid.optimizers.index(opt)}] ({opt}, default {key or 'settings'})"
                     raise CulturalignError(f"{where}: {at}: {_strip_flag(msg, key) if key else msg}") from None
+                if cfg.order != "forward" and inst.reverse_problem():
+                    at = f"optimizer_settings.{opt}.order" if "order" in mine else "settings.order"
+                    raise CulturalignError(f"{where}: {at}: {cfg.order}: {inst.reverse_problem()}")
                 cells.append(Cell(f"{code}-{opt}-s{seed}", _code(target), target, opt, seed, cfg))
 
     model_spec = model if model is not None else _local_path(spec.model, base)

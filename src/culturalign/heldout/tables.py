@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from culturalign.heldout.checks import HEADERS, prompt_name, heldout_rows
+from culturalign.heldout.checks import HEADERS, order_words, heldout_rows, prompt_name
 
 
 def heldout_table(result: dict) -> Table:
     t = result["target"]
     title = (f"held-out checks of {prompt_name(result.get('soft_prompt'), code=False)} on {result['model']} "
-             f"(target {t['name']}, prompt {result['prompt']})")
+             f"(target {t['name']}, prompt {result['prompt']}{order_words(result)})")
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(HEADERS):
         table.add_column(h, justify="left" if i == 0 else "right")

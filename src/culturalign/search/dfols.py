@@ -11,6 +11,9 @@ A greenlet is a coroutine in the same thread, so the hand-off costs microseconds
 concurrently. When DFO-LS stops (its trust region shrank to `rhoend`, or the residuals vanished) it
 restarts from the best point so far with the initial radius, so a run always spends its budget.
 Initial directions are the coordinate axes (no random numbers), so replay is exact.
+
+DFO-LS is GPL-3.0-or-later, so it is an optional extra (`pip install 'culturalign[dfols]'`), imported
+only here, when a search runs; without it `DFOLS(...)` (and `--optimizer dfols`) is one error saying so.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class DFOLS(ReplayOptimizer):
     def __init__(self, dim: int, seed: int = 0, bound: float = 1.0, rhobeg: float = 0.3, rhoend: float = 1e-3,
                  maxfun: int = 10_000):
         # maxfun only caps each solve() (DFO-LS allocates in proportion to it); the loop's budget rules.
+        from culturalign.config import dfols_missing
+        from culturalign.errors import CulturalignError
+
+        if dfols_missing():
+            raise CulturalignError(dfols_missing())
         self.bound, self.rhobeg, self.rhoend, self.maxfun = bound, rhobeg, rhoend, maxfun
         self._solver = None
         super().__init__(dim, seed)
@@ -50,7 +58,7 @@ class DFOLS(ReplayOptimizer):
         return answer
 
     def _solve(self) -> tuple:
-        import dfols
+        import dfols  # the optional extra (GPL-3.0-or-later); __init__ has checked it is installed
 
         lower, upper = np.full(self.dim, -self.bound), np.full(self.dim, self.bound)
         params = {"init.random_initial_directions": False, "logging.save_diagnostic_info": False}
