@@ -48,8 +48,8 @@ class SGNConfig:
     steps: int = 3  # Gauss-Newton step candidates per iteration (damping values)
     window: int = 32  # directions kept in the model (the subspace); >= probes
     directions: str = "gain"  # gain | gaussian | vocab | mixed (vocab and gaussian, half each)
-    probe_size: float = 1.0  # h: a probe moves one token this many real-token norms
-    radius: float = 2.0  # initial trust radius, in real-token norms (whole-prompt displacement per step)
+    probe_size: float = 0.5  # h: a probe moves one token this many real-token norms
+    radius: float = 1.0  # initial trust radius, in real-token norms (whole-prompt displacement per step)
     max_radius: float = 8.0
     min_radius: float = 0.05  # below it the radius restarts at `radius`
     max_norm: float = 1.5  # each soft token's norm <= max_norm x median real-token norm (0 = no bound)
