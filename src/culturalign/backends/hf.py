@@ -87,7 +87,17 @@ class HFBackend(Backend):
         return self.model.get_input_embeddings()(t)
 
     def embedding_table(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight.detach().float().cpu()
+        """The table in the space `embed` returns, which is where soft prompts live. A plain `nn.Embedding` is a
+        lookup, so that is its weights, unchanged; a module that transforms its rows (Gemma's scales them by
+        sqrt(hidden)) is run over the whole vocabulary, so the model itself says what its input embeddings are."""
+        module = self.model.get_input_embeddings()
+        weight = module.weight.detach()
+        if type(module) is torch.nn.Embedding:
+            return weight.float().cpu()
+        vocab, step = weight.shape[0], 8192
+        with torch.no_grad():
+            return torch.cat([module(torch.arange(i, min(vocab, i + step), device=weight.device)).float().cpu()
+                              for i in range(0, vocab, step)])
 
     def model_info(self) -> dict:
         cfg = self.model.config
