@@ -36,6 +36,9 @@ FALLBACK_TEMPLATE = (
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
 )
+# The same, for a tokenizer that starts every text with its BOS token (Gemma): prompts are encoded with
+# add_special_tokens=False, so the template itself must put BOS first.
+FALLBACK_TEMPLATE_BOS = "{{ bos_token }}" + FALLBACK_TEMPLATE
 
 
 def cache_dir() -> Path:
@@ -166,6 +169,30 @@ def _check_local_dir(spec: str, p: Path) -> None:
         )
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its BOS token when asked to add special tokens."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", None) is True:
+        return True
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def use_fallback_template(tokenizer, name: str) -> None:
+    """Give a tokenizer without a chat template the plain 'User:/Assistant:' one, with BOS first when the
+    tokenizer adds BOS to a text (the model was trained with it), and say so in one line."""
+    bos = adds_bos(tokenizer)
+    tokenizer.chat_template = FALLBACK_TEMPLATE_BOS if bos else FALLBACK_TEMPLATE
+    # warn_explicit at no source line: the warning is one line, not followed by a line of culturalign's code
+    warnings.warn_explicit(
+        f"model {name!r} has no chat template; using a plain 'User:/Assistant:' template"
+        + (f" after its BOS token {tokenizer.bos_token!r}" if bos else ""),
+        UserWarning, filename="culturalign", lineno=0, module="culturalign.backends.loading",
+    )
+
+
 def load_backend(spec: str = EMBEDDED, device: str | None = None, dtype: torch.dtype | None = None) -> HFBackend:
     """Load a frozen model in eval mode: float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,8 +233,7 @@ def load_backend(spec: str = EMBEDDED, device: str | None = None, dtype: torch.d
         ) from None
     model.to(dev).eval().requires_grad_(False)
     if getattr(tok, "chat_template", None) is None:
-        warnings.warn(f"model {name!r} has no chat template; using a plain 'User:/Assistant:' template", stacklevel=2)
-        tok.chat_template = FALLBACK_TEMPLATE
+        use_fallback_template(tok, name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return HFBackend(model=model, tokenizer=tok, name=name, device=dev)
