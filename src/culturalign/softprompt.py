@@ -131,6 +131,7 @@ def _read_json(path: Path) -> dict:
 
 
 def embedding_std(backend: Backend) -> float:
+    """The standard deviation of the model's input embeddings (`Backend.embedding_table`, the space `embed` returns)."""
     return float(backend.embedding_table().std())
 
 
@@ -146,7 +147,10 @@ def vocab_rows(backend: Backend, n: int = VOCAB_ROWS):
 
 
 def initial_prompt(backend: Backend, n: int, how: str = "text", text: str | None = None, seed: int = 0) -> torch.Tensor:
-    """[n, hidden] starting prompt: a text's token embeddings (cycled/cut to n), sampled vocabulary rows, or noise."""
+    """[n, hidden] starting prompt: a text's token embeddings (cycled/cut to n), sampled vocabulary rows, or noise.
+
+    All three are in the space the model's own tokens enter it (`Backend.embedding_table`): a `text` prompt
+    answers as the text given as tokens at position 0 does, also on models that scale their embeddings (Gemma)."""
     if n < 1:
         raise CulturalignError(f"--tokens must be at least 1, got {n}")
     table = backend.embedding_table()

@@ -136,7 +136,9 @@ class Backend(ABC):
 
     @abstractmethod
     def embedding_table(self) -> torch.Tensor:
-        """[V, H] the whole token embedding table: float32, on the CPU, detached (a copy-safe read)."""
+        """[V, H] the whole token embedding table, in the space `embed` returns (soft prompts live there: a model
+        that scales its embeddings, as Gemma does by sqrt(hidden), has its table scaled): float32, on the CPU,
+        detached. Callers copy what they change."""
 
     def input_gain(self) -> torch.Tensor | None:
         """[H] how strongly the first layer reads each input coordinate (its input norm's per-coordinate gain),

@@ -20,6 +20,11 @@ full logits), kept as the reference for tests and benchmarks. Both are different
 prompt requires grad. `generate` runs transformers' generation loop on left-padded input embeddings,
 each row's soft prompt placed after its padding. `loglikelihood` scores texts token by token in
 left-padded batches of windows, computing logits only at the positions that predict a scored token.
+
+Sliding-window models (Gemma 2/3, Mistral, Qwen 2 with `use_sliding_window`): the shared caches are exact only
+while every row fits in the window, so `option_distributions` falls back to unshared full sequences (the plain
+path with last-position logits) for any call whose longest row would not; `attention_window` reads the window
+from the model's config.
 """
 
 from __future__ import annotations
@@ -39,6 +44,21 @@ def _read_options(logits: torch.Tensor, option_ids: list[int]) -> tuple[torch.Te
     logp = torch.log_softmax(logits.float(), dim=-1)[..., option_ids]
     mass = logp.exp().sum(-1)
     return torch.softmax(logp, dim=-1), mass
+
+
+def attention_window(config) -> int | None:
+    """The sliding window of a model's attention (positions a token may attend to, itself included), or None when
+    every layer attends to all earlier positions. Read from the config alone: `layer_types` where the config has
+    them (Gemma 3: 5 of every 6 layers "sliding_attention"; Qwen 2 only with `use_sliding_window`), else
+    `sliding_window` by itself (Mistral)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return int(window)
 
 
 def _soft_rows(soft: SoftPrompts) -> tuple[int, torch.Tensor | None, list[torch.Tensor | None] | None]:
@@ -66,11 +86,13 @@ class HFBackend(Backend):
     """A transformers causal LM (frozen, eval mode) and its tokenizer.
 
     `max_rows`: largest batch of prompt rows per forward pass in `option_distributions` (memory bound).
+    `window`: the model's sliding attention window (`attention_window` of its config), None without one.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str, device: torch.device | str, max_rows: int = 96):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.device, self.max_rows = torch.device(device), max_rows
+        self.window = attention_window(model.config)
 
     def __repr__(self) -> str:
         return f"HFBackend({self.name!r}, device={self.device}, dtype={self.dtype})"
@@ -89,7 +111,17 @@ class HFBackend(Backend):
         return self.model.get_input_embeddings()(t)
 
     def embedding_table(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight.detach().float().cpu()
+        """The table in the space `embed` returns, which is where soft prompts live. A plain `nn.Embedding` is a
+        lookup, so that is its weights, unchanged; a module that transforms its rows (Gemma's scales them by
+        sqrt(hidden)) is run over the whole vocabulary, so the model itself says what its input embeddings are."""
+        module = self.model.get_input_embeddings()
+        weight = module.weight.detach()
+        if type(module) is torch.nn.Embedding:
+            return weight.float().cpu()
+        vocab, step = weight.shape[0], 8192
+        with torch.no_grad():
+            return torch.cat([module(torch.arange(i, min(vocab, i + step), device=weight.device)).float().cpu()
+                              for i in range(0, vocab, step)])
 
     def input_gain(self) -> torch.Tensor | None:
         """The first decoder layer's input norm, measured on each basis vector: for an RMSNorm-style module,
@@ -116,6 +148,7 @@ class HFBackend(Backend):
             "hidden_size": self.hidden_size,
             "vocab_size": self.model.get_input_embeddings().weight.shape[0],
             "max_context": getattr(cfg, "max_position_embeddings", None),
+            "attention_window": self.window,
         }
 
     # -- option distributions ---------------------------------------------------------------------------
@@ -129,9 +162,21 @@ class HFBackend(Backend):
 
     def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None,
                              progress: Callable[[int], None] | None = None) -> Distributions:
+        """See `Backend.option_distributions`; shared prefix caches as the module docstring describes.
+
+        On a sliding-window model (`self.window`), a call whose longest row (soft prompt + prompt) would not fit in
+        the window falls back to the plain path, each prompt as its full sequence with last-position logits
+        (`_unshared_option_distributions`): the shared caches keep only the window in sliding layers, and the
+        suffixes' left padding would sit inside it. Within the window both paths see every position, and the
+        cache is exact.
+        """
         dev, dtype = self.device, self.dtype
         answered = 0
         P, uniform, ragged = _soft_rows(soft)
+        if self.window is not None:
+            n_soft = uniform.shape[1] if uniform is not None else max((r.shape[0] for r in ragged or [] if r is not None), default=0)
+            if n_soft + max(len(s) for s in prompts.sequences) > self.window:
+                return _unshared_option_distributions(self, prompts, option_ids, soft, progress)
         K = len(option_ids)
         probs = [[None] * prompts.n_items for _ in range(P)]
         mass = [[None] * prompts.n_items for _ in range(P)]
@@ -333,27 +378,57 @@ def plain_option_distributions(backend: HFBackend, prompts: PromptSet | list[lis
                                soft: SoftPrompts = None) -> Distributions:
     """Reference: each prompt as its full sequence (soft prompt included), full logits, one batch per row."""
     sequences = prompts.sequences if isinstance(prompts, PromptSet) else prompts
-    dev, dtype = backend.device, backend.dtype
-    emb = backend.model.get_input_embeddings()
     P, uniform, ragged = _soft_rows(soft)
     rows = ragged or [None if uniform is None else uniform[c] for c in range(P)]
-    width = max(len(s) for s in sequences)
     probs, mass = [], []
     with torch.set_grad_enabled(any(r is not None and r.requires_grad for r in rows)):
         for c in range(P):
-            ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences], device=dev)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=dev)
-            x = emb(ids).to(dtype)
-            if rows[c] is not None:
-                n = rows[c].shape[0]
-                x = torch.cat([rows[c].to(device=dev, dtype=dtype).unsqueeze(0).expand(len(sequences), -1, -1), x], 1)
-                # left padding must stay on the left: move the soft prompt after each row's padding
-                x = torch.stack([torch.cat([x[i, n : n + width - len(s)], x[i, :n], x[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
-                mask = torch.cat([torch.ones(len(sequences), n, dtype=mask.dtype, device=dev), mask], 1)
-                mask = torch.stack([torch.cat([mask[i, n : n + width - len(s)], mask[i, :n], mask[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = backend.model(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits  # full logits
-            p, m = _read_options(logits[:, -1], option_ids)
+            p, m = _full_sequences(backend, sequences, option_ids, rows[c], logits_to_keep=0)
             probs.append(p)
             mass.append(m)
     return Distributions(torch.stack(probs), torch.stack(mass))
+
+
+def _unshared_option_distributions(backend: HFBackend, prompts: PromptSet, option_ids: list[int],
+                                   soft: SoftPrompts = None, progress: Callable[[int], None] | None = None) -> Distributions:
+    """The plain path for `option_distributions` where prefix caches would be wrong (past a sliding window): every
+    prompt as its full sequence, only the last position's logits, at most `backend.max_rows` prompts per forward pass."""
+    sequences = prompts.sequences
+    P, uniform, ragged = _soft_rows(soft)
+    rows = ragged or [None if uniform is None else uniform[c] for c in range(P)]
+    per = max(1, backend.max_rows)
+    probs, mass = [[] for _ in range(P)], [[] for _ in range(P)]
+    with torch.set_grad_enabled(any(r is not None and r.requires_grad for r in rows)):
+        for i0 in range(0, len(sequences), per):
+            for c in range(P):
+                p, m = _full_sequences(backend, sequences[i0 : i0 + per], option_ids, rows[c], logits_to_keep=1)
+                probs[c].append(p)
+                mass[c].append(m)
+            if progress is not None:
+                progress(min(len(sequences), i0 + per))
+    return Distributions(torch.stack([torch.cat(p) for p in probs]), torch.stack([torch.cat(m) for m in mass]))
+
+
+def _full_sequences(backend: HFBackend, sequences: list[list[int]], option_ids: list[int], soft: torch.Tensor | None,
+                    logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over `sequences`, left-padded, each behind `soft` ([n, H] or None): [I, K] and [I]."""
+    dev, dtype = backend.device, backend.dtype
+    emb = backend.model.get_input_embeddings()
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences], device=dev)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=dev)
+    x = emb(ids).to(dtype)
+    if soft is not None:
+        n = soft.shape[0]
+        x = torch.cat([soft.to(device=dev, dtype=dtype).unsqueeze(0).expand(len(sequences), -1, -1), x], 1)
+        # left padding must stay on the left: move the soft prompt after each row's padding
+        x = torch.stack([torch.cat([x[i, n : n + width - len(s)], x[i, :n], x[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
+        mask = torch.cat([torch.ones(len(sequences), n, dtype=mask.dtype, device=dev), mask], 1)
+        mask = torch.stack([torch.cat([mask[i, n : n + width - len(s)], mask[i, :n], mask[i, n + width - len(s) :]]) for i, s in enumerate(sequences)])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if logits_to_keep:
+        logits = backend.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits_to_keep=logits_to_keep,
+                               use_cache=False).logits
+    else:
+        logits = backend.model(inputs_embeds=x, attention_mask=mask, position_ids=pos).logits  # full logits
+    return _read_options(logits[:, -1], option_ids)
