@@ -129,7 +129,7 @@ def test_shipped_experiment_files():
 
 @needs_dfols
 def test_shipped_experiment_files_with_dfols():
-    """china.yaml and china-seeds.yaml run dfols too (the optional DFO-LS extra)."""
+    """china.yaml runs dfols too (the optional DFO-LS extra); china-seeds.yaml is DE, the default, over three seeds."""
     root = Path(__file__).resolve().parents[1] / "experiments"
     china = load_spec(root / "china.yaml")
     assert china.optimizers == ["adam-subspace", "cmaes", "random", "adam", "dfols"]
@@ -137,7 +137,13 @@ def test_shipped_experiment_files_with_dfols():
                                                             "adam": 30, "dfols": 200}
     seeds = load_spec(root / "china-seeds.yaml")
     assert [t.iso2 for t in seeds.targets] == ["CN"] and seeds.seeds == [0, 1, 2]
-    assert seeds.optimizers == ["de", "cmaes", "dfols", "random", "adam"] and len(seeds.cells) == 15
+    assert seeds.optimizers == ["de"] and len(seeds.cells) == 3
+    for name, optimizer, setting in (("china-order", "de", ("order", "both")), ("china-sgn", "sgn", None),
+                                     ("china-contrast", "de", ("contrast", 0.5))):
+        spec = load_spec(root / f"{name}.yaml")
+        assert spec.optimizers == [optimizer] and [c.config.seed for c in spec.cells] == [0]
+        if setting:
+            assert getattr(spec.cells[0].config, setting[0]) == setting[1]
 
 
 # ---- the file: bad input, one line naming the file and the key -------------------------------------------------

@@ -29,7 +29,7 @@ from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json
 from culturalign.instrument import Instrument
-from culturalign.objective import FullPrompt, SurveyObjective
+from culturalign.objective import CapabilityPenalty, ContrastTerm, FullPrompt, SurveyObjective
 from culturalign.prompts import system_text
 from culturalign.search import OPTIMIZERS, LoopState, minimize  # noqa: F401
 from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt, vocab_rows
@@ -183,7 +183,14 @@ class Aligner:
         else:
             param = FullPrompt(p0)
             x0 = param.x0()
-        objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight)
+        capability = CapabilityPenalty(self.backend, cfg.capability, cfg.capability_weight) if cfg.capability else None
+        contrast = None
+        if cfg.contrast:
+            from culturalign.targets import load_target_set
+
+            others = [t for t in load_target_set(self.target.set_name).targets if t.name != self.target.name]
+            contrast = ContrastTerm(self.survey.loss_mask, others, self.instrument.dims, cfg.contrast)
+        objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight, capability, contrast)
         sgn = cfg.optimizer == "sgn"
         gain = self.backend.input_gain() if sgn else None
         optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend) if sgn else None,

@@ -317,6 +317,9 @@ def align(
     probe_size: float = typer.Option(_D.probe_size, "--probe-size", metavar="H", help="sgn: probe length in real-token norms (> 0)."),
     radius: float = typer.Option(_D.radius, "--radius", metavar="R", help="sgn: initial trust radius in real-token norms (> 0)."),
     max_norm: float = typer.Option(_D.max_norm, "--max-norm", metavar="K", help="sgn: each soft token's norm stays <= K x the median real-token norm (capability bound; 0 = none)."),
+    capability: Optional[float] = typer.Option(None, "--capability", metavar="R", help="Capability bound: penalise soft prompts under which a short neutral anchor text's perplexity rises more than R times (R > 1; 0 = off; default 0, 1.5 for sgn)."),
+    capability_weight: float = typer.Option(_D.capability_weight, "--capability-weight", metavar="W", help="Capability penalty per nat/token past log(R), >= 0."),
+    contrast: float = typer.Option(_D.contrast, "--contrast", metavar="W", help="Contrastive weight in [0, 1]: subtract W x the mean L1 to the target set's other cultures, so the search rewards this culture rather than any move away from the naive profile (0 = off, the paper's loss)."),
     mass_floor: Optional[float] = typer.Option(None, "--mass-floor", metavar="M", help="Option mass in [0, 1] below which the penalty applies (default 0.5; 0.8 for sgn)."),
     mass_weight: Optional[float] = typer.Option(None, "--mass-weight", metavar="W", help="Penalty weight, >= 0 (0 = off; default 100; 1000 for sgn)."),
     constant: list[str] = typer.Option(None, "--constant", metavar="INDEX=C", help="Index constant C, repeatable: --constant PDI=50."),
@@ -372,7 +375,8 @@ def align(
             init=init, init_text=init_text, popsize=popsize, mutation=parts[0] if len(parts) == 1 else tuple(parts),
             crossover=crossover, strategy=strategy, bound=bound, sigma=sigma,
             cma_sigma0=cma_sigma0, dfols_rhobeg=dfols_rhobeg, lr=lr, probes=probes, sgn_steps=sgn_steps, window=window,
-            directions=directions, probe_size=probe_size, radius=radius, max_norm=max_norm, mass_floor=mass_floor,
+            directions=directions, probe_size=probe_size, radius=radius, max_norm=max_norm, capability=capability,
+            capability_weight=capability_weight, contrast=contrast, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)), order=order,
         ).validate()
         check_order(cfg.order, inst)
@@ -419,8 +423,8 @@ def align(
 # Config fields the align command exposes as flags; a resumed run takes them from its checkpoint.
 RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "init_text", "popsize",
              "mutation", "crossover", "strategy", "bound", "sigma", "cma_sigma0", "dfols_rhobeg", "lr", "probes",
-             "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "mass_floor", "mass_weight",
-             "order")
+             "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "capability", "capability_weight",
+             "contrast", "mass_floor", "mass_weight", "order")
 
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):

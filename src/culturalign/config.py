@@ -15,11 +15,15 @@ OPTIMIZERS = ("de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace")
 POPULATION = ("de", "cmaes", "random")  # methods that evaluate --popsize candidates per batch
 INITS = ("text", "vocab", "random")
 # fields added after runs were first recorded: left out of fingerprints at their defaults (AlignConfig.fingerprint_json)
-LATER_FIELDS = ("order", "probes", "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm")
+LATER_FIELDS = ("order", "probes", "sgn_steps", "window", "directions", "probe_size", "radius", "max_norm", "capability",
+                "capability_weight", "contrast")
 # option-mass penalty (floor, weight) per method when not given. sgn's steps along the high-gain coordinates
 # trade option mass for L1 (measured: 0.98 -> 0.34 for 58 points of L1 under 0.5/100), so its penalty is steep.
 MASS_DEFAULTS = {"sgn": (0.8, 1000.0)}
 MASS_DEFAULT = (0.5, 100.0)
+# the capability bound (max perplexity ratio of the anchor text) per method when not given; 0 = none. DE, the
+# paper's method, runs as the paper did; sgn's gain directions cost capability fast (anchor ratio x7.8 unbounded).
+CAPABILITY_DEFAULTS = {"sgn": 1.5}
 DFOLS_EXTRA = "pip install 'culturalign[dfols]'"
 
 
@@ -65,6 +69,9 @@ class AlignConfig:
     probe_size: float = 0.5  # sgn: a probe moves one soft token this many real-token norms
     radius: float = 1.0  # sgn: initial trust radius, in real-token norms
     max_norm: float = 1.5  # sgn: each soft token's norm <= max_norm x the median real-token norm (0 = no bound)
+    capability: float | None = None  # max perplexity ratio of the anchor text (0 = no penalty); None: method default
+    capability_weight: float = 100.0  # penalty per nat/token of anchor NLL past log(capability)
+    contrast: float = 0.0  # weight of minus the mean L1 to the target set's other cultures (0 = off, paper A)
     mass_floor: float | None = None  # None: the method's default (MASS_DEFAULTS)
     mass_weight: float | None = None
     constants: dict[str, float] = field(default_factory=dict)
@@ -76,6 +83,8 @@ class AlignConfig:
             self.mass_floor = floor
         if self.mass_weight is None:
             self.mass_weight = weight
+        if self.capability is None:
+            self.capability = CAPABILITY_DEFAULTS.get(self.optimizer, 0.0)
 
     def validate(self) -> "AlignConfig":
         """Check every field before any work starts; errors name the command-line flag."""
@@ -99,6 +108,11 @@ class AlignConfig:
         _finite("--dfols-rhobeg", self.dfols_rhobeg, low=0.0, low_open=True, high=2.0)
         _finite("--bound", self.bound, low=0.0, low_open=True)
         _finite("--mass-floor", self.mass_floor, low=0.0, high=1.0)
+        _finite("--capability-weight", self.capability_weight, low=0.0)
+        _finite("--contrast", self.contrast, low=0.0, high=1.0)
+        if not (isinstance(self.capability, (int, float)) and math.isfinite(self.capability)
+                and (self.capability == 0 or self.capability > 1)):
+            raise CulturalignError(f"--capability must be 0 (off) or a perplexity ratio > 1, got {self.capability}")
         _finite("--mass-weight", self.mass_weight, low=0.0)
         if self.optimizer == "de":
             self.de_config()

@@ -66,6 +66,16 @@ class TargetSet:
                     if k:
                         yield rank, k.casefold().strip(), t
 
+    def mean_scores(self, dims) -> dict[str, float]:
+        """The set's mean score per dimension, over the targets that publish it: the calibrated index constants
+        under which a uniform answerer (every index 0 before C) sits at the set's mean."""
+        out = {}
+        for d in dims:
+            vals = [t.scores[d] for t in self.targets if d in t.scores]
+            if vals:
+                out[d] = float(sum(vals) / len(vals))
+        return out
+
     def find(self, query: str) -> Target:
         q = query.casefold().strip()
         best = None
