@@ -1,23 +1,40 @@
-"""The cross-target matrix of an experiment's aligned profiles, from its cells.csv alone (no model call).
+"""The cross-target matrix of aligned profiles, from experiments' cells.csv files alone (no model call).
 
     python benchmarks/cross_target.py benchmarks/experiments/paper/cells.csv
+    python benchmarks/cross_target.py --targets SA@hofstede-2023,US,CN,IN benchmarks/experiments/china-*/cells.csv
 
-Each cell's aligned index scores (the `aligned_*` columns) are compared with every target of the grid
-(the `target_*` columns of the cells), under the constants the cells were scored with. Printed: the L1
-matrix, the rank of each prompt's own target (1 = closest) and its specificity = mean L1 to the other
-targets - L1 to its own (points; positive = culture-specific), with the naive profile as reference. For
-experiments run since the specificity control was added, `culturalign experiment` writes the same in
-cells.csv and report.md; this script reads grids recorded before it.
+Each cell's aligned index scores (the `aligned_*` columns) are compared with every target: the grid's own
+targets (the `target_*` columns of the files given), or those named by `--targets` (CODE or CODE@SET).
+Printed: the L1 matrix, the rank of each prompt's own target (1 = closest) and its specificity = mean L1 to
+the other targets - L1 to its own (points; positive = culture-specific), with each naive profile as a
+reference row. `culturalign experiment` writes the same for its grid in cells.csv and report.md; this script
+also reads grids recorded before that, and compares single-target grids with other targets.
 """
 
+import argparse
 import csv
-import sys
+from pathlib import Path
 
 
-def main(path: str) -> None:
-    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cells", nargs="+", help="cells.csv files of finished experiments")
+    ap.add_argument("--targets", help="comma-separated targets, CODE or CODE@SET (default: the files' own)")
+    args = ap.parse_args()
+    rows = [{**r, "_from": Path(path).parent.name} for path in args.cells
+            for r in csv.DictReader(open(path, newline="", encoding="utf-8"))]
     dims = [k.removeprefix("target_") for k in rows[0] if k.startswith("target_")]
-    targets = {r["code"] + "@" + r["set"]: {d: float(r[f"target_{d}"]) for d in dims if r[f"target_{d}"] != ""} for r in rows}
+    if args.targets:
+        from culturalign.targets import load_target
+
+        targets = {}
+        for spec in args.targets.split(","):
+            code, _, set_name = spec.partition("@")
+            t = load_target(code, set_name or "hofstede-2015")
+            targets[f"{code}@{t.set_name}"] = dict(t.scores)
+    else:
+        targets = {r["code"] + "@" + r["set"]: {d: float(r[f"target_{d}"]) for d in dims if r[f"target_{d}"] != ""}
+                   for r in rows}
     names = list(targets)
 
     def l1(ind, tgt):
@@ -26,16 +43,20 @@ def main(path: str) -> None:
     print("| prompt | " + " | ".join(names) + " | own rank | specificity |")
     print("|---|" + "---:|" * (len(names) + 2))
     for kind in ("aligned", "naive"):
+        seen = set()
         for r in rows:
             ind = {d: float(r[f"{kind}_{d}"]) for d in dims}
             own = r["code"] + "@" + r["set"]
+            if own not in targets or (kind == "naive" and tuple(ind.values()) in seen):
+                continue
+            seen.add(tuple(ind.values()))
             dist = {n: l1(ind, targets[n]) for n in names}
             rank = 1 + sum(dist[n] < dist[own] for n in names if n != own)
             spec = sum(dist[n] for n in names if n != own) / (len(names) - 1) - dist[own]
-            label = f"{r['optimizer']} {own}" if kind == "aligned" else f"naive (for {own})"
-            print(f"| {label} | " + " | ".join(f"{'**' if n == own else ''}{dist[n]:.1f}{'**' if n == own else ''}" for n in names)
-                  + f" | {rank} | {spec:+.1f} |")
+            label = f"{r['_from']}: {r['cell']}" if kind == "aligned" else f"naive ({r['_from']})"
+            print(f"| {label} | " + " | ".join(f"{'**' if n == own else ''}{dist[n]:.1f}{'**' if n == own else ''}"
+                                             for n in names) + f" | {rank} | {spec:+.1f} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/experiments/paper/cells.csv")
+    main()
