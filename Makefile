@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/survey.py
 	$(BIN)/python benchmarks/fitness.py
 	$(BIN)/python benchmarks/order.py
+	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/alignment.py
 	$(BIN)/python benchmarks/committee.py
 	$(BIN)/python benchmarks/serve.py
