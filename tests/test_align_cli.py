@@ -36,7 +36,7 @@ def env():
 
 
 def align_args(tiny_dir, budget, popsize, *extra):
-    return ["align", "--model", str(tiny_dir), "--country", "CN", "--budget", str(budget), "--popsize", str(popsize),
+    return ["align", "--model", str(tiny_dir), "--country", "CN", "--optimizer", "de", "--budget", str(budget), "--popsize", str(popsize),
             "--tokens", "2", "--dim", "8", "--device", "cpu", *map(str, extra)]
 
 

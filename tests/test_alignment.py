@@ -23,7 +23,7 @@ POP = 6  # population of the DE runs here (see test_popsize_four for the smalles
 
 
 def config(**kw) -> AlignConfig:
-    base = dict(budget=3 * POP, popsize=POP, tokens=2, dim=8, sigma=2.0)
+    base = dict(optimizer="de", budget=3 * POP, popsize=POP, tokens=2, dim=8, sigma=2.0)
     base.update(kw)
     return AlignConfig(**base)
 

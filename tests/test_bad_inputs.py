@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from culturalign.cli import run
 
 HIDDEN = 32  # the tiny model's hidden size (conftest)
-ALIGN = ["align", "--model", "{M}", "--country", "CN", "--budget", "12", "--popsize", "6", "--tokens", "2", "--dim", "4"]
+ALIGN = ["align", "--model", "{M}", "--country", "CN", "--optimizer", "de", "--budget", "12", "--popsize", "6", "--tokens", "2", "--dim", "4"]
 SURVEY = ["survey", "--model", "{M}"]
 
 

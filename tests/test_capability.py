@@ -40,7 +40,7 @@ def test_method_defaults_and_checks():
     assert (sgn.capability, sgn.mass_floor, sgn.mass_weight) == (1.5, 0.8, 1000.0)
     assert AlignConfig(optimizer="sgn", capability=0, mass_floor=0.5).capability == 0  # explicit values win
     with pytest.raises(CulturalignError, match="--capability must be 0 .off. or a perplexity ratio > 1, got 0.5"):
-        AlignConfig(capability=0.5).validate()
+        AlignConfig(optimizer="de", capability=0.5).validate()
 
 
 def test_sgn_align_run_resumes_bit_identically(tiny_lm, vsm, tmp_path):
@@ -85,8 +85,8 @@ def test_contrast_term_is_minus_the_mean_l1_to_the_other_cultures():
 
 def test_contrast_enters_the_align_loss(tiny_lm, vsm, tmp_path):
     target = load_target("CN")
-    plain = Aligner(tiny_lm, vsm, target, AlignConfig(budget=12, popsize=6, tokens=2, dim=4), tmp_path / "a").run()
-    con = Aligner(tiny_lm, vsm, target, AlignConfig(budget=12, popsize=6, tokens=2, dim=4, contrast=0.5),
+    plain = Aligner(tiny_lm, vsm, target, AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4), tmp_path / "a").run()
+    con = Aligner(tiny_lm, vsm, target, AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4, contrast=0.5),
                   tmp_path / "b").run()
     assert con["history"][0]["best_l1"] == plain["history"][0]["best_l1"]  # same candidates, same L1
     assert con["best_loss"] < plain["best_loss"] - 10  # minus half the mean L1 to 110 other cultures

@@ -123,7 +123,7 @@ def test_parse_culture_specs():
 
 
 def test_build_experts_resumes_and_keeps_finished(tiny_lm, vsm, tmp_path):
-    cfg = AlignConfig(budget=8, popsize=4, tokens=2, dim=4, sigma=2.0, constants=vsm.constants())
+    cfg = AlignConfig(optimizer="de", budget=8, popsize=4, tokens=2, dim=4, sigma=2.0, constants=vsm.constants())
     targets = [load_target("CN"), load_target("JP")]
     seen = []
     reg = build_experts(tiny_lm, vsm, targets[:1], cfg, tmp_path / "reg", progress=lambda c, i: seen.append(c))

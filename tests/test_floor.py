@@ -69,7 +69,7 @@ def _state(tmp_path, code, set_name="hofstede-2015", optimizer="de", seed=0):
     from culturalign.experiments.spec import Cell
 
     t = load_target(code, set_name)
-    cell = Cell(f"{code}-{set_name}-{optimizer}-s{seed}", code, t, optimizer, seed, AlignConfig(budget=12))
+    cell = Cell(f"{code}-{set_name}-{optimizer}-s{seed}", code, t, optimizer, seed, AlignConfig(optimizer=optimizer, budget=12))
     return CellState(cell, tmp_path / cell.name, "done", outcome={"status": "finished"})
 
 

@@ -199,7 +199,7 @@ def test_align_config_order():
 @pytest.fixture(scope="module")
 def both_run(tiny_lm, vsm, china, tmp_path_factory):
     out = tmp_path_factory.mktemp("order") / "both"
-    cfg = AlignConfig(budget=12, popsize=6, tokens=2, dim=4, sigma=2.0, order="both")
+    cfg = AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4, sigma=2.0, order="both")
     return out, Aligner(tiny_lm, vsm, china, cfg, out).run()
 
 
@@ -222,7 +222,7 @@ def test_align_with_both_orders(both_run, tiny_lm, vsm, china):
 def test_align_default_records_forward_and_keeps_the_old_fingerprint(tiny_lm, vsm, china, tmp_path):
     from culturalign.alignment import _fingerprint
 
-    cfg = AlignConfig(budget=12, popsize=6, tokens=2, dim=4, sigma=2.0)
+    cfg = AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4, sigma=2.0)
     assert "order" not in _fingerprint(cfg, tiny_lm, china, vsm)["config"]
     aligner = Aligner(tiny_lm, vsm, china, cfg, tmp_path / "f")
     assert aligner.survey.order == "forward" and len(aligner.survey.prompts) == 24
@@ -346,7 +346,7 @@ def test_resume_checks_the_order(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatc
     import culturalign.cli
 
     monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
-    base = ["align", "--model", tiny_dir, "--country", "CN", "--budget", "12", "--tokens", "2", "--dim", "4",
+    base = ["align", "--model", tiny_dir, "--country", "CN", "--optimizer", "de", "--budget", "12", "--tokens", "2", "--dim", "4",
             "--sigma", "2"]
     code, _, stderr = run_cli([*base, "--out", tmp_path / "f"], capsys)
     assert code == 0, stderr
@@ -363,6 +363,6 @@ def test_resume_with_another_order_names_it(both_run, tiny_lm, vsm, china, tmp_p
 
     out = tmp_path / "copy"
     shutil.copytree(both_run[0], out)
-    cfg = AlignConfig(budget=18, popsize=6, tokens=2, dim=4, sigma=2.0)  # forward: the order is left out of its record
+    cfg = AlignConfig(optimizer="de", budget=18, popsize=6, tokens=2, dim=4, sigma=2.0)  # forward: the order is left out of its record
     with pytest.raises(CulturalignError, match=r"different settings \(order\)"):
         Aligner(tiny_lm, vsm, china, cfg, out, resume=True)

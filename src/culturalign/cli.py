@@ -71,8 +71,8 @@ TARGETS_HELP = "Built-in target set: hofstede-2015 or hofstede-2023 (not with --
 ORDER_HELP = ("Option order of the items: forward (as the instrument lists them), reversed (every item's options listed "
               "in reverse, answers mapped back to the codes), or both (each item asked both ways in one batch and the "
               "two answer distributions averaged: cancels a bias for an answer position).")
-OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): de (Differential Evolution, the paper's "
-                  "method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals; "
+OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): sgn (the default: subspace Gauss-Newton "
+                  "on the full prompt, with a capability bound), de (Differential Evolution, the paper's method), cmaes (CMA-ES, pycma), dfols (DFO-LS: derivative-free Gauss-Newton on the index residuals; "
                   "GPL-3.0-or-later, so an optional extra: the package's dfols extra), "
                   "random (the floor). White-box references: adam (gradient descent on the full prompt), adam-subspace "
                   "(gradients through the same projection the black-box methods search).")
@@ -294,7 +294,7 @@ def align(
     targets: str = typer.Option("hofstede-2015", "--targets", metavar="SET", help=TARGETS_HELP),
     target_file: Optional[Path] = typer.Option(None, "--target-file", metavar="FILE", help="Your own targets (CSV/JSON)."),
     optimizer: str = typer.Option(_D.optimizer, "--optimizer", metavar="NAME", help=OPTIMIZER_HELP),
-    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey, spent in whole batches: de, cmaes and random evaluate --popsize per batch (de needs at least 2 x popsize), dfols and adam one (dfols needs at least dim + 2)."),
+    budget: int = typer.Option(_D.budget, "--budget", metavar="N", help="Candidate evaluations, each one full 24-item survey, spent in whole batches: sgn alternates --probes and --sgn-steps (after one for its start; at least 1 + probes + steps), de, cmaes and random evaluate --popsize per batch (de needs at least 2 x popsize), dfols and adam one (dfols needs at least dim + 2)."),
     tokens: int = typer.Option(_D.tokens, "--tokens", metavar="N", help="Soft prompt length n (virtual tokens), >= 1."),
     dim: int = typer.Option(_D.dim, "--dim", metavar="D", help="Search dimension d of the black-box methods and adam-subspace, 1 <= d <= tokens x hidden: prompt = p0 + A z with z in R^d; d = tokens x hidden means no projection."),
     seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of the search, the initialisation and (unless --projection-seed) the projection A."),

@@ -44,7 +44,7 @@ ORDERS = ("forward", "reversed", "both")  # option order of the items (culturali
 
 @dataclass
 class AlignConfig:
-    optimizer: str = "de"
+    optimizer: str = "sgn"  # the best black-box method under the capability bound (README, "Alignment that holds")
     budget: int = 160  # candidate evaluations (full surveys)
     tokens: int = 32  # soft prompt length n
     dim: int = 16  # DE search dimension d (z), n*hidden for no projection
@@ -170,7 +170,7 @@ class AlignConfig:
         from dataclasses import asdict
 
         config = json.loads(json.dumps(asdict(self)))
-        default = AlignConfig()
+        default = AlignConfig(optimizer=self.optimizer)  # the method's own defaults (mass, capability)
         for name in LATER_FIELDS:
             if name in config and getattr(self, name) == getattr(default, name):
                 config.pop(name)
