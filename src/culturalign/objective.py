@@ -33,7 +33,7 @@ class FullPrompt:
         return self.p0.flatten().double().numpy()
 
 
-ANCHOR_TEXT = "culturalign/data/capability/anchor.txt"
+ANCHOR_TEXT = "data/capability/anchor.txt"  # inside the culturalign package
 
 
 class CapabilityPenalty:
@@ -51,7 +51,7 @@ class CapabilityPenalty:
         from culturalign.heldout.perplexity import start_token
 
         if text is None:
-            text = resources.files("culturalign").joinpath(ANCHOR_TEXT.removeprefix("culturalign/")).read_text("utf-8")
+            text = resources.files("culturalign").joinpath(ANCHOR_TEXT).read_text("utf-8")
         self.backend, self.max_ratio, self.weight = backend, max_ratio, weight
         self.ids = backend.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
         self.start = [start_token(backend.tokenizer)]
