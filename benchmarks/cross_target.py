@@ -15,6 +15,9 @@ import argparse
 import csv
 from pathlib import Path
 
+from culturalign.experiments.report import rank_and_specificity
+from culturalign.targets import Target, l1, load_target
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,20 +28,15 @@ def main() -> None:
             for r in csv.DictReader(open(path, newline="", encoding="utf-8"))]
     dims = [k.removeprefix("target_") for k in rows[0] if k.startswith("target_")]
     if args.targets:
-        from culturalign.targets import load_target
-
         targets = {}
         for spec in args.targets.split(","):
             code, _, set_name = spec.partition("@")
             t = load_target(code, set_name or "hofstede-2015")
-            targets[f"{code}@{t.set_name}"] = dict(t.scores)
+            targets[f"{code}@{t.set_name}"] = t
     else:
-        targets = {r["code"] + "@" + r["set"]: {d: float(r[f"target_{d}"]) for d in dims if r[f"target_{d}"] != ""}
-                   for r in rows}
+        targets = {r["code"] + "@" + r["set"]: Target(r["country"], {d: float(r[f"target_{d}"]) for d in dims
+                                                                      if r[f"target_{d}"] != ""}) for r in rows}
     names = list(targets)
-
-    def l1(ind, tgt):
-        return sum(abs(ind[d] - tgt[d]) for d in tgt)
 
     print("| prompt | " + " | ".join(names) + " | own rank | specificity |")
     print("|---|" + "---:|" * (len(names) + 2))
@@ -50,9 +48,8 @@ def main() -> None:
             if own not in targets or (kind == "naive" and tuple(ind.values()) in seen):
                 continue
             seen.add(tuple(ind.values()))
-            dist = {n: l1(ind, targets[n]) for n in names}
-            rank = 1 + sum(dist[n] < dist[own] for n in names if n != own)
-            spec = sum(dist[n] for n in names if n != own) / (len(names) - 1) - dist[own]
+            dist = {n: l1(ind, targets[n])[0] for n in names}
+            rank, spec = rank_and_specificity(own, dist)  # the experiment report's own definition
             label = f"{r['_from']}: {r['cell']}" if kind == "aligned" else f"naive ({r['_from']})"
             print(f"| {label} | " + " | ".join(f"{'**' if n == own else ''}{dist[n]:.1f}{'**' if n == own else ''}"
                                              for n in names) + f" | {rank} | {spec:+.1f} |")

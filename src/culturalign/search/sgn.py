@@ -168,14 +168,13 @@ class SubspaceGaussNewton(Optimizer):
     def _probe_points(self, specs) -> np.ndarray:
         return np.stack([self._project(self.x + self.cfg.probe_size * u) for u in self._U(specs)])
 
-    def _step_coefs(self) -> np.ndarray:
-        """[steps, m] damped (and trust-region clipped) Gauss-Newton coordinates in the window."""
+    def _step_coefs(self, U: np.ndarray) -> np.ndarray:
+        """[steps, m] damped (and trust-region clipped) Gauss-Newton coordinates in the window U [m, dim]."""
         J, r = self.J, self.r
         w = 1.0 / np.maximum(np.abs(r), 1.0) if self.cfg.loss == "l1" else np.ones_like(r)
         A = J.T @ (w[:, None] * J)
         b = J.T @ (w * r)
         scale = np.trace(A) / len(A) + 1e-12
-        U = self._U(self.specs)
         out = []
         for mu in (np.logspace(-3, 0, self.cfg.steps) if self.cfg.steps > 1 else [1e-2]):
             c = -np.linalg.solve(A + mu * scale * np.eye(len(A)), b)
@@ -194,8 +193,8 @@ class SubspaceGaussNewton(Optimizer):
             self.fresh = self._new_specs()
             X = self._probe_points(self.fresh)
         else:
-            self.coefs = self._step_coefs()
             U = self._U(self.specs)
+            self.coefs = self._step_coefs(U)
             X = np.stack([self._project(self.x + c @ U) for c in self.coefs])
         self._pending = X
         return X.copy()
