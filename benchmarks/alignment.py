@@ -16,11 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from culturalign.alignment import AlignConfig, Aligner
+from culturalign.align.config import AlignConfig
+from culturalign.align.run import Aligner
 from culturalign.backends import load_backend
 from culturalign.cli import _quiet_libraries
-from culturalign.instrument import load_instrument
-from culturalign.targets import load_target
+from culturalign.measure.instrument import load_instrument
+from culturalign.measure.targets import load_target
 
 CASES = {"CN": "hofstede-2015", "US": "hofstede-2015", "IN": "hofstede-2015", "SA": "hofstede-2023"}
 
@@ -47,10 +48,8 @@ def main():
     rows = []
     for code in args.countries.split(","):
         target = load_target(code, CASES.get(code, "hofstede-2015"))
-        cfg = AlignConfig(optimizer=args.optimizer, seed=args.seed, **overrides)
-        if args.budget:
-            cfg.budget = args.budget
-        cfg.validate()
+        budget = {"budget": args.budget} if args.budget else {}
+        cfg = AlignConfig(optimizer=args.optimizer, seed=args.seed, **overrides, **budget)
         tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
         out = Path(args.out) / f"{code}-{args.optimizer}{tag}-s{args.seed}"
         t0 = time.perf_counter()

@@ -26,8 +26,8 @@ from culturalign.backends import load_backend
 from culturalign.cli import _quiet_libraries
 from culturalign.committee.compose import load_committee
 from culturalign.committee.queries import load_queries
-from culturalign.instrument import Item
-from culturalign.prompts import encode_prompts
+from culturalign.measure.instrument import Item
+from culturalign.measure.prompts import encode_prompts
 
 
 def timed(fn, repeats):

@@ -16,7 +16,7 @@ import csv
 from pathlib import Path
 
 from culturalign.experiments.report import rank_and_specificity
-from culturalign.targets import Target, l1, load_target
+from culturalign.measure.targets import Target, l1, load_target
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ import torch
 from culturalign.backends import load_backend
 from culturalign.backends.hf import plain_option_distributions
 from culturalign.cli import _quiet_libraries
-from culturalign.instrument import load_instrument
-from culturalign.softprompt import embedding_std
-from culturalign.survey import Survey
-from culturalign.targets import load_target
+from culturalign.measure.instrument import load_instrument
+from culturalign.softprompt.params import embedding_std
+from culturalign.measure.survey import Survey
+from culturalign.measure.targets import load_target
 
 
 def main():

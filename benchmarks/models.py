@@ -36,15 +36,16 @@ from pathlib import Path
 
 import torch
 
-from culturalign.alignment import CHECKPOINT, AlignConfig, Aligner
+from culturalign.align.config import AlignConfig
+from culturalign.align.run import CHECKPOINT, Aligner
 from culturalign.backends import load_backend
 from culturalign.backends.loading import FALLBACK_TEMPLATE, FALLBACK_TEMPLATE_BOS, GEMMA, GEMMA_INSTALL
 from culturalign.cli import _quiet_libraries
 from culturalign.errors import CulturalignError
 from culturalign.experiments.report import kendall
-from culturalign.instrument import load_instrument
-from culturalign.survey import Survey, uniform_result
-from culturalign.targets import load_target
+from culturalign.measure.instrument import load_instrument
+from culturalign.measure.survey import Survey, uniform_result
+from culturalign.measure.targets import load_target
 
 TARGETS = "SA@hofstede-2023,US,CN,IN"
 DEFAULT_SET = {"SA": "hofstede-2023"}  # the 2015 release has only Saudi Arabia's LTO and IVR
@@ -229,7 +230,7 @@ def main():
         ap.error(str(e))
     if args.align_budget:
         try:
-            AlignConfig(budget=args.align_budget).validate()
+            AlignConfig(budget=args.align_budget)
         except CulturalignError as e:
             ap.error(f"--align-budget {args.align_budget}: {e}")
     inst = load_instrument()

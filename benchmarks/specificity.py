@@ -22,9 +22,9 @@ from culturalign.backends import load_backend
 from culturalign.cli import _quiet_libraries
 from culturalign.committee.experts import load_registry
 from culturalign.committee.metrics import alignment_score, expert_matrix_rows, specificity
-from culturalign.instrument import load_instrument, paraphrase_variants
-from culturalign.survey import Survey, uniform_result
-from culturalign.targets import load_target_set
+from culturalign.measure.instrument import load_instrument, paraphrase_variants
+from culturalign.measure.survey import Survey, uniform_result
+from culturalign.measure.targets import load_target_set
 
 
 def main():

@@ -20,7 +20,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _dfols_installed() -> bool:
-    from culturalign.config import dfols_missing
+    from culturalign.search.registry import dfols_missing
 
     return dfols_missing() is None
 
@@ -31,8 +31,8 @@ needs_dfols = pytest.mark.skipif(not _dfols_installed(), reason="DFO-LS is not i
 
 def _corpus() -> list[str]:
     from culturalign import load_instrument
-    from culturalign.prompts import ANSWER_PREFIX, system_text, user_text
-    from culturalign.targets import load_target_set
+    from culturalign.measure.prompts import ANSWER_PREFIX, system_text, user_text
+    from culturalign.measure.targets import load_target_set
 
     inst = load_instrument()
     texts = [user_text(it, inst.codes) for it in inst.items]
@@ -176,8 +176,8 @@ def make_registry(folder, lm, codes=("CN", "JP", "US"), n_tokens=3, seed=0, mode
     from pathlib import Path
 
     from culturalign.committee.experts import MANIFEST, SCHEMA
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.targets import load_target
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.targets import load_target
 
     folder = Path(folder)
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from culturalign import load_target
 from culturalign.backends import Backend, GenerationRequest, HFBackend, PromptSet
 from culturalign.backends.hf import plain_option_distributions
-from culturalign.survey import Survey
+from culturalign.measure.survey import Survey
 
 TOL = 1e-5
 SRC = Path(__file__).resolve().parents[1] / "src" / "culturalign"

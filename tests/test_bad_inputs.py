@@ -447,27 +447,27 @@ def test_bad_input_is_one_clear_line(argv, setup, needle, workspace, tiny_dir, m
 
 
 def test_ctrl_c_in_survey_says_so(workspace, tiny_dir, monkeypatch, capsys):
-    import culturalign.survey
+    import culturalign.measure.survey
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(culturalign.survey.Survey, "result", interrupted)
+    monkeypatch.setattr(culturalign.measure.survey.Survey, "result", interrupted)
     code, _, stderr = run_cli(["survey", "--model", str(tiny_dir), "--json", str(workspace / "o.json")], capsys)
     assert code == 130 and "interrupted" in stderr and "nothing was written" in stderr
     assert not (workspace / "o.json").exists()
 
 
 def test_ctrl_c_in_align_names_the_resume_command(workspace, tiny_dir, monkeypatch, capsys):
-    import culturalign.alignment
+    import culturalign.align.run
 
-    real = culturalign.alignment.Aligner._checkpoint
+    real = culturalign.align.run.Aligner._checkpoint
 
     def checkpoint_then_interrupt(self, *a, **k):
         real(self, *a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(culturalign.alignment.Aligner, "_checkpoint", checkpoint_then_interrupt)
+    monkeypatch.setattr(culturalign.align.run.Aligner, "_checkpoint", checkpoint_then_interrupt)
     out = workspace / "run"
     code, _, stderr = run_cli([a.replace("{M}", str(tiny_dir)) for a in ALIGN] + ["--out", str(out)], capsys)
     assert code == 130

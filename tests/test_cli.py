@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import culturalign
 from culturalign import CulturalignError, load_instrument, load_target
 from culturalign.cli import app
-from culturalign.softprompt import SoftPrompt
-from culturalign.survey import Survey
+from culturalign.softprompt.prompt import SoftPrompt
+from culturalign.measure.survey import Survey
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DIMS = ["PDI", "IDV", "MAS", "UAI", "LTO", "IVR"]

@@ -13,7 +13,7 @@ import torch
 from conftest import BagOfWords, make_registry
 
 from culturalign import CulturalignError, load_instrument, load_target
-from culturalign.alignment import AlignConfig
+from culturalign.align.config import AlignConfig
 from culturalign.committee.compose import Committee, CommitteeConfig, load_committee
 from culturalign.committee.cultures import load_cultures
 from culturalign.committee.experts import MANIFEST, build_experts, load_registry, parse_culture_specs
@@ -92,7 +92,7 @@ def test_damaged_registry_is_one_error(registry_dir, tmp_path, damage, needle):
 
 
 def test_changed_tensor_is_detected(registry_dir, tmp_path, tiny_lm):
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     d = _copy(registry_dir, tmp_path / "r")
     SoftPrompt(torch.zeros(3, tiny_lm.hidden_size)).save(d / "CN")

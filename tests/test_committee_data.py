@@ -12,7 +12,7 @@ import pytest
 
 from culturalign import CulturalignError, load_instrument
 from culturalign.committee.queries import Query, load_queries
-from culturalign.targets import load_target_set
+from culturalign.measure.targets import load_target_set
 
 REGISTRY = ("SA", "US", "CN", "IN", "DE", "BR", "JP", "MA")
 HELD_OUT = ("FR", "MX", "KR", "SE", "TR", "ID", "RU", "NG", "EG", "GB", "IT", "AR", "PK", "PH", "VN", "AU")

@@ -8,8 +8,8 @@ from culturalign import CulturalignError, load_target
 from culturalign.backends import HFBackend
 from culturalign.backends.base import common_prefix_len
 from culturalign.backends.hf import plain_option_distributions
-from culturalign.prompts import encode_items, level, option_token_ids, render, system_text, user_text
-from culturalign.survey import Survey, parse_answer, sample_answers
+from culturalign.measure.prompts import encode_items, level, option_token_ids, render, system_text, user_text
+from culturalign.measure.survey import Survey, parse_answer, sample_answers
 
 TOL = 1e-5
 
@@ -284,7 +284,7 @@ def test_survey_constants(tiny_lm, vsm):
 
 
 def test_target_without_instrument_dims_is_error(tiny_lm, vsm):
-    from culturalign.targets import Target
+    from culturalign.measure.targets import Target
 
     with pytest.raises(CulturalignError, match="none of the instrument"):
         Survey(tiny_lm, vsm, "naive", Target("Nowhere", {"XYZ": 1.0}))
@@ -302,7 +302,7 @@ def test_parse_answer(text, expected):
 
 def test_sample_random_model_counts_unparsable(tiny_lm, vsm, monkeypatch):
     """A random tiny model mostly babbles: every answer is either counted or counted as unparsable."""
-    import culturalign.survey as survey_mod
+    import culturalign.measure.survey as survey_mod
 
     seen = []
 

@@ -12,7 +12,7 @@ import torch
 from culturalign import CulturalignError, load_instrument, load_target
 from culturalign.backends import loading
 from culturalign.backends.loading import FALLBACK_TEMPLATE, MANIFEST, cache_is_valid, load_backend
-from culturalign.survey import Survey
+from culturalign.measure.survey import Survey
 
 DIMS = ["PDI", "IDV", "MAS", "UAI", "LTO", "IVR"]
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import needs_dfols
 
 from culturalign import CulturalignError
-from culturalign.alignment import OPTIMIZERS
+from culturalign.search.registry import optimizer_names
 from culturalign.cli import run
 from culturalign.experiments import load_spec, plan, run_experiment
 from culturalign.experiments.executors import LocalExecutor, RayExecutor, make_executor
@@ -155,7 +155,7 @@ BAD_FILES = [
     ("unknown-target-key", "g.yaml", "grid:\n  targets: [{country: CN, sets: x}]\n  optimizers: [de]\n",
      "g.yaml: grid.targets[0].sets: unknown key; expected one of country, set"),
     ("unknown-optimizer", "g.yaml", "grid:\n  targets: [CN]\n  optimizers: [de, adam, foo]\n",
-     f"g.yaml: grid.optimizers[2]: unknown optimizer 'foo'; expected one of {', '.join(OPTIMIZERS)}"),
+     f"g.yaml: grid.optimizers[2]: unknown optimizer 'foo'; expected one of {', '.join(optimizer_names())}"),
     ("unknown-country", "g.yaml", "grid:\n  targets: [CN, Atlantis]\n  optimizers: [de]\n",
      "g.yaml: grid.targets[1].country: unknown country or region 'Atlantis'"),
     ("unknown-set", "g.yaml", "grid:\n  targets: [CN@hofstede-1999]\n  optimizers: [de]\n",
@@ -416,23 +416,23 @@ def test_out_holding_something_else_is_refused(tmp_path):
 
 
 def test_a_failed_cell_is_recorded_and_retried(tiny_lm, tmp_path, monkeypatch):
-    import culturalign.alignment
+    import culturalign.align.run
 
     exp = load_spec(write(tmp_path, "g.yaml", SMALL.format(budget=12)))
-    real = culturalign.alignment.Aligner.run
+    real = culturalign.align.run.Aligner.run
 
     def fail_for_us(self):
         if self.target.iso2 == "US":
             raise CulturalignError("no candidate gave a finite loss")
         return real(self)
 
-    monkeypatch.setattr(culturalign.alignment.Aligner, "run", fail_for_us)
+    monkeypatch.setattr(culturalign.align.run.Aligner, "run", fail_for_us)
     with pytest.raises(CulturalignError, match=r"1 of 2 cells did not finish \(first: US-hofstede-2015-de-s0, failed: no candidate"):
         run_experiment(exp, tmp_path / "out", LocalExecutor(backend=tiny_lm))
     rows = read_csv(tmp_path / "out" / "cells.csv")
     assert [r["status"] for r in rows] == ["finished", "failed"] and rows[1]["aligned_l1"] == ""
     assert "US-hofstede-2015-de-s0: failed" in (tmp_path / "out" / "report.md").read_text()
-    monkeypatch.setattr(culturalign.alignment.Aligner, "run", real)
+    monkeypatch.setattr(culturalign.align.run.Aligner, "run", real)
     result = run_experiment(exp, tmp_path / "out", LocalExecutor(backend=tiny_lm))
     assert result.ran == 1 and [r["status"] for r in result.rows] == ["finished", "finished"]
 

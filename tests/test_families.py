@@ -18,8 +18,9 @@ from culturalign import load_target
 from culturalign.backends import GenerationRequest, HFBackend, PromptSet, load_backend
 from culturalign.backends.hf import plain_option_distributions
 from culturalign.backends.loading import FALLBACK_TEMPLATE
-from culturalign.softprompt import SoftPrompt, embedding_std, initial_prompt
-from culturalign.survey import Survey
+from culturalign.softprompt.params import embedding_std, initial_prompt
+from culturalign.softprompt.prompt import SoftPrompt
+from culturalign.measure.survey import Survey
 
 TOL = 1e-5
 TEXT = "You are a typical person from China."

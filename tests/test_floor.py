@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from culturalign import load_instrument, load_target
-from culturalign.instrument import parse_instrument
-from culturalign.survey import uniform_result
-from culturalign.targets import Target
+from culturalign.measure.instrument import parse_instrument
+from culturalign.measure.survey import uniform_result
+from culturalign.measure.targets import Target
 
 DIMS = ["PDI", "IDV", "MAS", "UAI", "LTO", "IVR"]
 
@@ -64,7 +64,7 @@ def test_rank_and_specificity_by_hand():
 
 
 def _state(tmp_path, code, set_name="hofstede-2015", optimizer="de", seed=0):
-    from culturalign.alignment import AlignConfig
+    from culturalign.align.config import AlignConfig
     from culturalign.experiments.runner import CellState
     from culturalign.experiments.spec import Cell
 
@@ -75,7 +75,7 @@ def _state(tmp_path, code, set_name="hofstede-2015", optimizer="de", seed=0):
 
 def _fake_result(target, aligned: dict, constants=None, with_floor=True) -> dict:
     """A result.json as `align` writes it, with given aligned indices (naive/icl: all 10)."""
-    from culturalign.targets import l1
+    from culturalign.measure.targets import l1
 
     constants = constants or dict.fromkeys(DIMS, 0.0)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from culturalign import CulturalignError, load_instrument
-from culturalign.instrument import Item, paraphrase_variants
-from culturalign.prompts import user_text
-from culturalign.survey import Survey
+from culturalign.measure.instrument import Item, paraphrase_variants
+from culturalign.measure.prompts import user_text
+from culturalign.measure.survey import Survey
 from conftest import bigram_backend
 
 
@@ -364,7 +364,7 @@ def test_mcq_accuracy_on_a_model_that_always_says_b(tiny_tokenizer):
 def test_mcq_batching_and_rows_match_a_plain_reference(tiny_lm):
     from culturalign.backends.hf import plain_option_distributions
     from culturalign.heldout.mcq import ask, encode_questions, load_mcq, run_mcq
-    from culturalign.targets import load_target
+    from culturalign.measure.targets import load_target
 
     qs = load_mcq()
     qs.questions = qs.questions[:4] + [q for q in qs.questions if q.country == "China" or len(q.options) == 3]
@@ -406,8 +406,8 @@ def test_kept_share_and_its_edge_cases():
 @pytest.fixture(scope="module")
 def heldout_result(tiny_lm):
     from culturalign.heldout import run_heldout
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.targets import load_target
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.targets import load_target
 
     sp = SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(2)) * 0.5, {"prompt": "naive"})
     stages = []
@@ -418,7 +418,7 @@ def heldout_result(tiny_lm):
 def test_run_heldout_result(heldout_result, tiny_lm):
     from culturalign.files import dumps
     from culturalign.heldout.mcq import load_mcq
-    from culturalign.targets import load_target
+    from culturalign.measure.targets import load_target
 
     res, stages, sp = heldout_result
     json.loads(dumps(res))  # JSON-safe and finite
@@ -470,8 +470,8 @@ def test_heldout_markdown(heldout_result):
 
 def test_run_heldout_without_a_soft_prompt_and_bad_inputs(tiny_lm, tmp_path):
     from culturalign.heldout import heldout_markdown, run_heldout
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.targets import load_target
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.targets import load_target
 
     res = run_heldout(tiny_lm, None, load_target("US"))
     assert res["soft_prompt"] is None and res["survey"]["original"]["with"] is None
@@ -491,8 +491,8 @@ def test_run_heldout_without_a_soft_prompt_and_bad_inputs(tiny_lm, tmp_path):
 
 @pytest.fixture
 def saved_prompt(tmp_path, tiny_lm):
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.targets import load_target
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.targets import load_target
 
     folder = tmp_path / "sp"
     emb = torch.randn(3, 32, generator=torch.Generator().manual_seed(4)) * 0.4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from culturalign import CulturalignError, load_instrument
-from culturalign.instrument import parse_instrument
+from culturalign.measure.instrument import parse_instrument
 
 # item means m01..m24 (1-based) for the hand computation below
 MEANS = [2.1, 1.8, 2.4, 1.6, 2.0, 1.5, 2.7, 2.2, 2.9, 2.3, 2.6, 3.1,

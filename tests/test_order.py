@@ -12,9 +12,10 @@ import torch
 from conftest import bigram_backend
 
 from culturalign import CulturalignError, load_instrument, load_target
-from culturalign.alignment import AlignConfig, Aligner
-from culturalign.prompts import encode_items
-from culturalign.survey import Survey
+from culturalign.align.config import AlignConfig
+from culturalign.align.run import Aligner
+from culturalign.measure.prompts import encode_items
+from culturalign.measure.survey import Survey
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-6
@@ -186,9 +187,9 @@ def test_bad_orders_are_one_clear_error(tiny_lm, vsm, tmp_path):
 def test_align_config_order():
     assert AlignConfig().order == "forward"
     for order in ("forward", "reversed", "both"):
-        AlignConfig(order=order).validate()
-    with pytest.raises(CulturalignError, match=r"^--order 'Both': expected one of forward, reversed, both$"):
-        AlignConfig(order="Both").validate()
+        AlignConfig(order=order)
+    with pytest.raises(CulturalignError, match=r"^order 'Both': expected one of forward, reversed, both$"):
+        AlignConfig(order="Both")
     # records compared with later runs leave the default out, so older checkpoints and experiments still match
     assert "order" not in AlignConfig().fingerprint_json()
     assert AlignConfig(order="both").fingerprint_json()["order"] == "both"
@@ -204,7 +205,7 @@ def both_run(tiny_lm, vsm, china, tmp_path_factory):
 
 
 def test_align_with_both_orders(both_run, tiny_lm, vsm, china):
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     out, result = both_run
     assert result["settings"]["order"] == "both"
@@ -220,7 +221,7 @@ def test_align_with_both_orders(both_run, tiny_lm, vsm, china):
 
 
 def test_align_default_records_forward_and_keeps_the_old_fingerprint(tiny_lm, vsm, china, tmp_path):
-    from culturalign.alignment import _fingerprint
+    from culturalign.align.run import _fingerprint
 
     cfg = AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4, sigma=2.0)
     assert "order" not in _fingerprint(cfg, tiny_lm, china, vsm)["config"]
@@ -240,7 +241,7 @@ def run_cli(argv, capsys):
 def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, answers_1, vsm, china, tmp_path, capsys,
                                                   monkeypatch):
     import culturalign.cli
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
     monkeypatch.setenv("COLUMNS", "250")
@@ -282,7 +283,7 @@ def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, a
 
 def test_heldout_reversed_checks_the_forward_order(tiny_lm, vsm, china):
     from culturalign.heldout import heldout_markdown, run_heldout
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     sp = SoftPrompt(torch.randn(2, 32, generator=torch.Generator().manual_seed(5)) * 0.5, {"prompt": "naive"})
     stages = set()

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import needs_dfols
 
-from culturalign.search import (CMAES, DE, DFOLS, OPTIMIZERS, Adam, DEConfig, Evaluation, LoopState, RandomSearch,
+from culturalign.errors import CulturalignError
+from culturalign.search import (CMAES, DFOLS, Adam, DEConfig, DifferentialEvolution, Evaluation, LoopState, RandomSearch,
                                 SGNConfig, SubspaceGaussNewton, minimize)
+from culturalign.search.registry import optimizer_names
 
 DIM = 4
 TARGET = np.array([0.3, -0.2, 0.5, 0.1])
@@ -36,7 +38,7 @@ class Linear:
 
 def make(name, seed=0):
     if name == "de":
-        return DE(DIM, seed, DEConfig(popsize=6))
+        return DifferentialEvolution(DIM, seed, DEConfig(popsize=6))
     if name == "cmaes":
         return CMAES(DIM, seed, popsize=6)
     if name == "dfols":
@@ -163,11 +165,53 @@ def test_non_finite_losses_never_become_the_best():
 
 
 def test_the_registry_names_every_method():
-    assert set(OPTIMIZERS) == {"de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace"}
-    black_box = (DE, CMAES, DFOLS, RandomSearch, SubspaceGaussNewton)
+    assert set(optimizer_names()) == {"de", "sgn", "cmaes", "dfols", "random", "adam", "adam-subspace"}
+    black_box = (DifferentialEvolution, CMAES, DFOLS, RandomSearch, SubspaceGaussNewton)
     assert Adam.needs_gradient and not any(c.needs_gradient for c in black_box)
     assert CMAES.resume == DFOLS.resume == "replay"
-    assert DE.resume == RandomSearch.resume == Adam.resume == SubspaceGaussNewton.resume == "native"
+    assert DifferentialEvolution.resume == RandomSearch.resume == Adam.resume == SubspaceGaussNewton.resume == "native"
+
+
+def test_the_registry_agrees_with_each_engine():
+    """The table's light facts (read without importing an engine) are the engines' own."""
+    from culturalign.search.registry import OPTIMIZERS_TABLE, population_names
+
+    assert population_names() == ("de", "cmaes", "random")
+    for name, entry in OPTIMIZERS_TABLE.items():
+        cls = entry.engine_class()
+        assert entry.gradient == cls.needs_gradient, name
+        assert entry.resume == cls.resume, name
+        assert (entry.config_class() is not None) == (name in ("de", "sgn")), name
+    assert OPTIMIZERS_TABLE["de"].config_class() is DEConfig and OPTIMIZERS_TABLE["sgn"].config_class() is SGNConfig
+
+
+def test_a_new_method_is_one_registry_entry(monkeypatch):
+    from culturalign.align.config import AlignConfig
+    from culturalign.search import registry
+
+    monkeypatch.setattr(registry, "OPTIMIZERS_TABLE", dict(registry.OPTIMIZERS_TABLE))
+    registry.register_optimizer(registry.OptimizerEntry("random2", "culturalign.search.random:RandomSearch", population=True,
+                                                        build=lambda e, s, dim, *a: RandomSearch(dim, s.seed, s.popsize, s.bound)))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_optimizer(registry.OptimizerEntry("random2", "culturalign.search.random:RandomSearch"))
+    cfg = AlignConfig(optimizer="random2", budget=12, popsize=4)
+    assert cfg.batch_size == 4 and cfg.uses_projection and (cfg.mass_floor, cfg.mass_weight) == registry.MASS_DEFAULT
+    assert isinstance(cfg.make_optimizer(DIM), RandomSearch)
+    with pytest.raises(CulturalignError, match="expected one of de, sgn, cmaes, dfols, random, adam, adam-subspace, random2"):
+        AlignConfig(optimizer="nope")
+
+
+def test_config_errors_name_the_field():
+    from culturalign.align.config import AlignConfig, flag
+    from culturalign.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        DEConfig(popsize=2)
+    assert str(e.value) == "popsize must be at least 4 for DE, got 2" and e.value.fields == ["popsize"]
+    with pytest.raises(ConfigError) as e:
+        AlignConfig(optimizer="sgn", sgn_steps=0)  # SGNConfig's `steps` is the run's `sgn_steps`
+    assert str(e.value) == "sgn_steps must be an integer >= 1, got 0"
+    assert e.value.named(flag) == "--sgn-steps must be an integer >= 1, got 0"
 
 
 # ---- DFO-LS is an optional extra (GPL-3.0-or-later) -------------------------------------------------------
@@ -176,8 +220,8 @@ def test_dfols_without_the_package_is_one_error_saying_how_to_install_it(monkeyp
     import sys
 
     from culturalign import CulturalignError
-    from culturalign.alignment import AlignConfig
-    from culturalign.config import dfols_missing
+    from culturalign.align.config import AlignConfig
+    from culturalign.search.registry import dfols_missing
     from culturalign.experiments import load_spec
 
     monkeypatch.setitem(sys.modules, "dfols", None)  # as if DFO-LS were not installed: `import dfols` fails
@@ -185,11 +229,11 @@ def test_dfols_without_the_package_is_one_error_saying_how_to_install_it(monkeyp
     assert message == ("--optimizer dfols needs the DFO-LS package, which is not installed; it is an optional extra "
                        "(GPL-3.0-or-later): pip install 'culturalign[dfols]'")
     with pytest.raises(CulturalignError) as e:
-        AlignConfig(optimizer="dfols", budget=40).validate()
-    assert str(e.value) == message
+        AlignConfig(optimizer="dfols", budget=40)
+    assert str(e.value) == message.removeprefix("--")  # the library names the field, the CLI its flag
     with pytest.raises(CulturalignError, match=r"pip install 'culturalign\[dfols\]'"):
         DFOLS(DIM, 0)
-    AlignConfig(optimizer="de").validate()  # every other method works without it
+    AlignConfig(optimizer="de")  # every other method works without it
     f = tmp_path / "g.yaml"
     f.write_text("grid:\n  targets: [CN]\n  optimizers: [de, dfols]\n  budget: 40\n")
     with pytest.raises(CulturalignError, match=r"g.yaml: grid.optimizers\[1\]: --optimizer dfols needs the DFO-LS package"):

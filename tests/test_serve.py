@@ -537,8 +537,8 @@ def test_the_client_raises_its_own_error_classes(client):
 # ---- the survey endpoint ---------------------------------------------------------------------------------
 
 def test_survey_of_the_base_model_and_of_an_expert(live, tiny_lm, committee, vsm):
-    from culturalign.survey import Survey
-    from culturalign.targets import load_target
+    from culturalign.measure.survey import Survey
+    from culturalign.measure.targets import load_target
 
     status, _, base = live.raw("POST", SURVEY, {"model": "tiny", "country": "CN", "prompt": "persona",
                                                 "constants": {"PDI": 50}})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from culturalign.config import AlignConfig
+from culturalign.align.config import AlignConfig
 from culturalign.errors import CulturalignError
 from culturalign.search import Evaluation, LoopState, SGNConfig, SubspaceGaussNewton, minimize
 
@@ -136,12 +136,16 @@ def test_resume_mid_iteration_is_bit_identical():
     ("max_norm", float("nan"), "--max-norm must be >= 0"),
     ("probe_size", float("inf"), "--probe-size must be a positive finite number"),
 ])
-def test_align_config_names_the_flag(field, value, match):
-    with pytest.raises(CulturalignError, match=match):
-        AlignConfig(optimizer="sgn", **{field: value}).validate()
+def test_align_config_names_the_field_and_the_cli_its_flag(field, value, match):
+    from culturalign.align.config import flag
+
+    with pytest.raises(CulturalignError) as e:
+        AlignConfig(optimizer="sgn", **{field: value})
+    assert str(e.value).startswith(f"{field} ")  # the library names the field
+    assert e.value.named(flag).startswith(match)  # the CLI shows its flag
 
 
 def test_align_config_budget_must_cover_one_iteration():
     with pytest.raises(CulturalignError, match="too small for sgn"):
-        AlignConfig(optimizer="sgn", budget=5).validate()
-    assert AlignConfig(optimizer="sgn", budget=12).validate().batch_size == 8
+        AlignConfig(optimizer="sgn", budget=5)
+    assert AlignConfig(optimizer="sgn", budget=12).batch_size == 8

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import culturalign
 from culturalign import CulturalignError, load_target
-from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt
-from culturalign.survey import Survey
+from culturalign.softprompt.params import Projection, embedding_std, initial_prompt
+from culturalign.softprompt.prompt import SoftPrompt
+from culturalign.measure.survey import Survey
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from culturalign import CulturalignError, load_target, load_target_set
-from culturalign.targets import DIMS, l1, load_target_file
+from culturalign.measure.targets import DIMS, l1, load_target_file
 
 ALL6 = dict(zip(DIMS, range(6)))
 

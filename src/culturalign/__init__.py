@@ -5,8 +5,8 @@ published scores with a soft prompt searched by Differential Evolution (`align`)
 """
 
 from culturalign.errors import CulturalignError
-from culturalign.instrument import Instrument, load_instrument
-from culturalign.targets import Target, load_target, load_target_set
+from culturalign.measure.instrument import Instrument, load_instrument
+from culturalign.measure.targets import Target, load_target, load_target_set
 
 __version__ = "0.1.0"
 __all__ = ["CulturalignError", "Instrument", "load_instrument", "Target", "load_target", "load_target_set"]

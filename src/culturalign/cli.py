@@ -79,7 +79,7 @@ OPTIMIZER_HELP = ("Search method. Black-box (read only the model's answers): sgn
 
 
 def _align_defaults():
-    from culturalign.config import AlignConfig  # light: no torch at start-up
+    from culturalign.align.config import AlignConfig  # light: no torch at start-up
 
     return AlignConfig()
 
@@ -126,7 +126,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _target(ctx: typer.Context, country, targets, target_file):
-    from culturalign.targets import load_target
+    from culturalign.measure.targets import load_target
 
     if target_file is not None and _given(ctx, "targets"):
         raise CulturalignError(f"--targets {targets!r} and --target-file both name targets; give only one of them")
@@ -162,7 +162,7 @@ def countries(
     from rich.table import Table
 
     from culturalign.files import dumps
-    from culturalign.targets import DIMS, load_target_set
+    from culturalign.measure.targets import DIMS, load_target_set
 
     ts = load_target_set(targets)
     if as_json:
@@ -208,11 +208,11 @@ def survey(
     Example: culturalign survey --country CN --prompt naive --prompt persona --prompt icl
     """
     from culturalign.files import check_output_file
-    from culturalign.instrument import load_instrument
-    from culturalign.prompts import PROFILES
-    from culturalign.reports import print_profiles
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.survey import MODES, Survey, check_order, uniform_result
+    from culturalign.measure.instrument import load_instrument
+    from culturalign.measure.prompts import PROFILES
+    from culturalign.measure.report import print_profiles
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.survey import MODES, Survey, check_order, uniform_result
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -337,11 +337,12 @@ def align(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from culturalign.alignment import CHECKPOINT, AlignConfig, Aligner, inspect_out
-    from culturalign.instrument import load_instrument
-    from culturalign.reports import print_profiles
-    from culturalign.survey import check_order
-    from culturalign.targets import Target
+    from culturalign.align.config import AlignConfig
+    from culturalign.align.run import CHECKPOINT, Aligner, inspect_out
+    from culturalign.measure.instrument import load_instrument
+    from culturalign.measure.report import print_profiles
+    from culturalign.measure.survey import check_order
+    from culturalign.measure.targets import Target
 
     try:
         parts = [float(x) for x in mutation.split(",")]
@@ -378,7 +379,7 @@ def align(
             directions=directions, probe_size=probe_size, radius=radius, max_norm=max_norm, capability=capability,
             capability_weight=capability_weight, contrast=contrast, mass_floor=mass_floor,
             mass_weight=mass_weight, constants=inst.constants(_parse_constants(constant)), order=order,
-        ).validate()
+        )
         check_order(cfg.order, inst)
         if out_dir is None:
             slug = "".join(ch if ch.isalnum() else "-" for ch in (target.iso2 or target.code or target.name)).strip("-")
@@ -429,7 +430,7 @@ RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "i
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
     """The checkpoint's AlignConfig with the new budget; a setting typed again must equal the saved one."""
-    from culturalign.alignment import AlignConfig
+    from culturalign.align.config import AlignConfig
 
     values = dict(saved)
     if isinstance(values.get("mutation"), list):
@@ -448,7 +449,7 @@ def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, m
         if any(values["constants"].get(k.upper()) != v for k, v in constants.items()):
             raise CulturalignError(f"--constant differs from the run's constants {values['constants']}; leave it out")
     try:
-        return AlignConfig(**values, budget=budget).validate()
+        return AlignConfig(**values, budget=budget)
     except TypeError as e:
         raise CulturalignError(f"the checkpoint's settings are not understood ({e}); it was written by another version") from None
 
@@ -488,17 +489,17 @@ def experts_build(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from culturalign.alignment import AlignConfig
+    from culturalign.align.config import AlignConfig
     from culturalign.committee.experts import build_experts, parse_culture_specs
     from culturalign.files import check_output_dir
-    from culturalign.instrument import load_instrument
-    from culturalign.reports import experts_table
-    from culturalign.targets import load_target
+    from culturalign.measure.instrument import load_instrument
+    from culturalign.committee.report import experts_table
+    from culturalign.measure.targets import load_target
 
     specs = parse_culture_specs(countries, targets)
     found = [load_target(code, set_name) for code, set_name in specs]
     cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma,
-                      popsize=popsize, lr=lr, seed=seed).validate()
+                      popsize=popsize, lr=lr, seed=seed)
     check_output_dir(out_dir, "--out")
     inst = load_instrument("vsm2013")
     cfg.constants = inst.constants()
@@ -534,7 +535,7 @@ def experts_list(
     """Show a registry of experts as a table: culture, target set, naive and aligned L1, optimizer, budget."""
     from culturalign.committee.experts import load_registry
     from culturalign.files import dumps
-    from culturalign.reports import experts_table
+    from culturalign.committee.report import experts_table
 
     reg = load_registry(folder, model=None if folder is not None else model)
     if as_json:
@@ -579,7 +580,7 @@ def ask(
     """
     from culturalign.committee.compose import SYSTEMS, check_options
     from culturalign.files import check_output_file
-    from culturalign.reports import print_answer
+    from culturalign.committee.report import print_answer
 
     if system not in SYSTEMS:
         raise CulturalignError(f"--system {system!r}: expected one of {', '.join(SYSTEMS)}")
@@ -700,7 +701,7 @@ def committee_eval(
     from culturalign.committee.queries import load_queries
     from culturalign.committee.report import metrics_table, router_lines, specificity_lines, write_eval
     from culturalign.files import check_output_dir
-    from culturalign.targets import load_target
+    from culturalign.measure.targets import load_target
 
     if open_limit < 0:
         raise CulturalignError(f"--open-limit must be >= 0, got {open_limit}")
@@ -745,7 +746,7 @@ def committee_eval(
 
 
 def _registry_target(expert):
-    from culturalign.targets import Target
+    from culturalign.measure.targets import Target
 
     return Target.from_json(expert.info["target"])
 
@@ -851,7 +852,7 @@ def experiment(
 
 def _saved_order(sp, inst) -> str:
     """The option order a soft prompt was aligned with (its culturalign.json; forward when it names none)."""
-    from culturalign.survey import ORDERS, check_order
+    from culturalign.measure.survey import ORDERS, check_order
 
     saved = sp.meta.get("order", "forward")
     if saved not in ORDERS:
@@ -865,7 +866,7 @@ def _saved_order(sp, inst) -> str:
 
 def _soft_prompt_target(sp, ctx, country, targets, target_file):
     """--country/--target-file when given, else the target saved in the soft prompt's culturalign.json."""
-    from culturalign.targets import Target
+    from culturalign.measure.targets import Target
 
     if country is not None or target_file is not None:
         return _target(ctx, country, targets, target_file)
@@ -903,13 +904,13 @@ def mcq(
     from culturalign.files import check_output_file
     from culturalign.heldout.mcq import load_mcq, run_mcq
     from culturalign.heldout.tables import mcq_notes, mcq_table
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     qs = load_mcq(file)
     sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None
     target = None
     if sp is not None and sp.meta.get("target") is not None:
-        from culturalign.targets import Target
+        from culturalign.measure.targets import Target
 
         try:
             target = Target.from_json(sp.meta["target"])
@@ -962,10 +963,10 @@ def heldout(
     from culturalign.heldout.mcq import load_mcq
     from culturalign.heldout.perplexity import load_text
     from culturalign.heldout.tables import heldout_table
-    from culturalign.instrument import load_instrument
-    from culturalign.prompts import PROFILES
-    from culturalign.softprompt import SoftPrompt
-    from culturalign.survey import check_order
+    from culturalign.measure.instrument import load_instrument
+    from culturalign.measure.prompts import PROFILES
+    from culturalign.softprompt.prompt import SoftPrompt
+    from culturalign.measure.survey import check_order
 
     sp = SoftPrompt.load(soft_prompt)
     target = _soft_prompt_target(sp, ctx, country, targets, target_file)
@@ -1010,6 +1011,17 @@ def heldout(
     shown.print(f"held-out checks took {time.perf_counter() - t0:.1f} s", highlight=False)
 
 
+def _flags(error: CulturalignError) -> str:
+    """The error as the command line says it: a setting's field shown as its flag (`popsize` -> `--popsize`)."""
+    from culturalign.errors import ConfigError
+
+    if isinstance(error, ConfigError):
+        from culturalign.align.config import flag
+
+        return error.named(flag)
+    return str(error)
+
+
 def _error_line(message: str) -> None:
     text = " ".join(str(message).split())  # one line, whatever the message held
     console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
@@ -1023,7 +1035,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="culturalign", standalone_mode=False)
     except CulturalignError as e:
-        _error_line(str(e))
+        _error_line(_flags(e))
         return 2
     except click_errors.NoArgsIsHelpError:  # the help has been printed
         return 0

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from culturalign.errors import CulturalignError
-from culturalign.instrument import Item
-from culturalign.prompts import encode_prompts, render
-from culturalign.targets import Target
+from culturalign.measure.instrument import Item
+from culturalign.measure.prompts import encode_prompts, render
+from culturalign.measure.targets import Target
 
 SYSTEMS = ("naive", "persona", "expert", "committee")
 MAX_OPTIONS = 9  # answer codes are the single digits 1..9
@@ -119,7 +119,7 @@ class Committee:
         return code
 
     def _persona(self, culture: str | None) -> str | None:
-        from culturalign.prompts import system_text
+        from culturalign.measure.prompts import system_text
 
         return None if culture is None else system_text("persona", Target(name=self._culture_name(culture), scores={}))
 

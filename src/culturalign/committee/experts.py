@@ -28,7 +28,7 @@ from typing import Callable
 
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json, read_json_file
-from culturalign.softprompt import SoftPrompt
+from culturalign.softprompt.prompt import SoftPrompt
 
 SCHEMA = "culturalign.experts/1"
 MANIFEST = "manifest.json"
@@ -159,7 +159,7 @@ def build_experts(backend, instrument, targets: list, config, out: str | Path,
     Finished experts (in the manifest, tensor unchanged) are kept; an interrupted one resumes from its
     checkpoint in `out/runs/<code>`. The manifest is rewritten atomically after each expert.
     """
-    from culturalign.alignment import CHECKPOINT, Aligner
+    from culturalign.align.run import CHECKPOINT, Aligner
 
     out = Path(out)
     entries: list[dict] = []

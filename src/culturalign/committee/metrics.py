@@ -153,7 +153,8 @@ def mix(weights: list[tuple[int, float]], probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def summary(values: list[float]) -> dict:
+def summarize_values(values: list[float]) -> dict:
+    """Mean, population std and count of the finite values (None when there are none)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return {"mean": None, "std": None, "n": 0}
@@ -172,15 +173,15 @@ class EvalConfig:
     open_limit: int = 8  # open questions asked per system (generation is the slow part)
     query_limit: int | None = None  # all option queries by default
     target_set: str = "hofstede-2015"
-    order: str = "forward"  # option order of the alignment metric's survey items (culturalign.survey.ORDERS)
+    order: str = "forward"  # option order of the alignment metric's survey items (culturalign.measure.survey.ORDERS)
 
     def __post_init__(self):
         if self.open_limit < 0:
             raise CulturalignError(f"--open-limit must be >= 0, got {self.open_limit}")
         if self.query_limit is not None and self.query_limit < 1:
             raise CulturalignError(f"--limit must be >= 1, got {self.query_limit}")
-        from culturalign.instrument import load_instrument
-        from culturalign.survey import check_order
+        from culturalign.measure.instrument import load_instrument
+        from culturalign.measure.survey import check_order
 
         check_order(self.order)
         if self.order != "forward":
@@ -215,8 +216,8 @@ class Evaluator:
         return [(codes.index(code), w) for code, w in experts]
 
     def alignment(self) -> list[dict]:
-        from culturalign.instrument import load_instrument
-        from culturalign.survey import Survey
+        from culturalign.measure.instrument import load_instrument
+        from culturalign.measure.survey import Survey
 
         c, rows = self.c, []
         codes = c.registry.codes
@@ -262,8 +263,8 @@ class Evaluator:
         """(alignment rows of `uniform` and `wrong-expert`, the specificity summary, specificity.csv's rows).
 
         Needs `alignment()` first (the experts' indices per variant); no model call."""
-        from culturalign.instrument import load_instrument
-        from culturalign.survey import uniform_result
+        from culturalign.measure.instrument import load_instrument
+        from culturalign.measure.survey import uniform_result
 
         cultures = list(self.cfg.registry_cultures) + list(self.cfg.heldout_cultures)
         rows = []
@@ -295,8 +296,8 @@ class Evaluator:
 
     # -- diversity across user cultures ----------------------------------------------------------------
     def diversity(self) -> list[dict]:
-        from culturalign.instrument import Item
-        from culturalign.prompts import encode_prompts, system_text
+        from culturalign.measure.instrument import Item
+        from culturalign.measure.prompts import encode_prompts, system_text
 
         c = self.c
         codes = c.registry.codes
@@ -397,7 +398,7 @@ class Evaluator:
         ref_rows, spec, spec_rows = self.references()
         align_rows += ref_rows
         div_rows += self.uniform_diversity()
-        metrics = summarise(rows, align_rows, div_rows, router, self.systems, REFERENCE_SYSTEMS)
+        metrics = summarize(rows, align_rows, div_rows, router, self.systems, REFERENCE_SYSTEMS)
         metrics["specificity"] = spec
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         return EvalResult(metrics, rows, align_rows, div_rows, spec_rows)
@@ -416,7 +417,7 @@ def _spread(queries: list, n: int) -> list:
     return out
 
 
-def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], router: dict, systems,
+def summarize(rows: list[dict], align_rows: list[dict], div_rows: list[dict], router: dict, systems,
               references=()) -> dict:
     """Per system: every metric from the tidy rows. `references` (systems that answer no query: uniform,
     wrong-expert) get the same entry, listed under "reference_systems"; their per-query metrics are empty."""
@@ -431,13 +432,13 @@ def summarise(rows: list[dict], align_rows: list[dict], div_rows: list[dict], ro
         open_lat = [r["seconds"] for r in sr if r["kind"] == "open"]
         ar = [r for r in align_rows if r["system"] == s]
         out["per_system"][s] = {
-            "alignment_registry": summary([r["alignment"] for r in ar if r["in_registry"]]),
-            "alignment_heldout": summary([r["alignment"] for r in ar if not r["in_registry"]]),
-            "l1_registry": summary([r["l1"] for r in ar if r["in_registry"]]),
-            "l1_heldout": summary([r["l1"] for r in ar if not r["in_registry"]]),
-            "diversity_bits": summary([r["diversity_bits"] for r in div_rows if r["system"] == s]),
-            "responses_per_query": summary([r["responses"] for r in sr]),
-            "unique_cultures_per_query": summary([r["unique_cultures"] for r in sr]),
+            "alignment_registry": summarize_values([r["alignment"] for r in ar if r["in_registry"]]),
+            "alignment_heldout": summarize_values([r["alignment"] for r in ar if not r["in_registry"]]),
+            "l1_registry": summarize_values([r["l1"] for r in ar if r["in_registry"]]),
+            "l1_heldout": summarize_values([r["l1"] for r in ar if not r["in_registry"]]),
+            "diversity_bits": summarize_values([r["diversity_bits"] for r in div_rows if r["system"] == s]),
+            "responses_per_query": summarize_values([r["responses"] for r in sr]),
+            "unique_cultures_per_query": summarize_values([r["unique_cultures"] for r in sr]),
             "completeness": (sum(r["complete"] for r in sr) / len(sr)) if sr else None,
             "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
             "latency_options_p50_s": percentile(opt_lat, 50), "latency_open_p50_s": percentile(open_lat, 50),

@@ -1,4 +1,5 @@
-"""What `culturalign committee eval` writes: metrics.json, tidy CSVs, report.md and three plots."""
+"""The committee's reports: what `culturalign committee eval` writes (metrics.json, tidy CSVs, report.md and
+three plots), and its terminal output (a registry of experts as a table, one answer with its routing)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import csv
 import io
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from culturalign.display import fmt
 from culturalign.files import atomic_write, atomic_write_json, atomic_write_text
 
 CSV_FILES = {"results.csv": "rows", "alignment.csv": "alignment_rows", "diversity.csv": "diversity_rows",
@@ -81,10 +86,9 @@ def specificity_lines(spec: dict | None) -> list[str]:
 
 def specificity_plot(path: Path, spec: dict) -> None:
     """Culture x expert alignment matrix as a heat map; the own expert boxed."""
-    import matplotlib
+    from culturalign.display import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     cultures, experts = spec["cultures"], spec["experts"]
@@ -111,10 +115,9 @@ def specificity_plot(path: Path, spec: dict) -> None:
 
 
 def alignment_plot(path: Path, rows: list[dict], systems: list[str]) -> None:
-    import matplotlib
+    from culturalign.display import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     cultures = list(dict.fromkeys(r["culture"] for r in rows))
@@ -142,10 +145,9 @@ def alignment_plot(path: Path, rows: list[dict], systems: list[str]) -> None:
 
 
 def latency_plot(path: Path, rows: list[dict], systems: list[str]) -> None:
-    import matplotlib
+    from culturalign.display import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, kind, title in ((axes[0], False, "queries with options"), (axes[1], True, "open questions")):
@@ -196,3 +198,57 @@ def write_eval(out: str | Path, result, settings: dict) -> None:
         "diversity.csv (system x question), specificity.csv (culture x expert alignment, mean over the variants).", "",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+# ---- the terminal: a registry of experts, and one answer of the committee ----------------------------
+
+def experts_table(registry) -> Table:
+    """A registry as a table: one row per expert."""
+    table = Table(title=f"{len(registry)} experts for {registry.model} (hidden {registry.hidden_size}) in {registry.path}",
+                  title_justify="left")
+    for col, right in (("code", False), ("culture", False), ("target set", False), ("naive L1", True),
+                       ("aligned L1", True), ("aligned/naive", True), ("option mass", True), ("optimizer", False),
+                       ("evaluations", True)):
+        table.add_column(col, justify="right" if right else "left")
+    for e in registry.experts.values():
+        i = e.info
+        naive, aligned = i.get("naive_l1"), i.get("aligned_l1")
+        ratio = f"{aligned / naive:.2f}" if naive and aligned is not None else "-"
+        mass = i.get("aligned_option_mass")
+        table.add_row(e.code, e.name, i.get("target", {}).get("set", "-"), fmt(naive), fmt(aligned), ratio,
+                      "-" if mass is None else f"{mass:.3f}", str(i.get("optimizer", "-")), str(i.get("evaluations", "-")))
+    return table
+
+
+def print_answer(answer, console: Console | None = None) -> None:
+    """The routing, each expert's answer, and the composed answer of `Committee.ask`."""
+    from rich.markup import escape
+
+    console = console or Console()
+    r = answer.routing
+    if r is not None:
+        who = ", ".join(f"{e['code']} {e['weight']:.2f}" for e in r["experts"]) or "the base model alone"
+        console.print(f"[bold]routing[/bold] ({'culture-dependent' if r['culture_dependent'] else 'neutral'}, "
+                      f"gate {r['gate_score']:.2f}): {escape(who)}", highlight=False, soft_wrap=True)
+        for reason in r["reasons"]:
+            console.print(f"  - {reason['stage']}: {escape(reason['detail'])}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[bold]system[/bold] {answer.system}: no routing", highlight=False)
+    if answer.options is not None:
+        table = Table(title_justify="left")
+        table.add_column("option")
+        for e in answer.experts:
+            table.add_column(f"{e['name']}\n(w {e['weight']:.2f})", justify="right")
+        table.add_column(answer.system, justify="right", style="bold")
+        for k, opt in enumerate(answer.options):
+            table.add_row(f"{k + 1}. {opt}", *[f"{e['probs'][k]:.2f}" for e in answer.experts], f"{answer.answer['probs'][k]:.2f}")
+        console.print(table)
+        console.print(f"[bold]answer[/bold]: {answer.answer['choice']}. {escape(answer.answer['option'])} "
+                      f"(option mass {answer.answer['option_mass']:.2f})", highlight=False, soft_wrap=True)
+    else:
+        for e in answer.experts:
+            console.print(f"[bold]{escape(e['name'])}[/bold] (w {e['weight']:.2f}, {e['tokens']} tokens): {escape(e['text'])}",
+                          highlight=False, soft_wrap=True)
+        tag = "composed answer" if answer.answer.get("composed") else "answer"
+        console.print(f"[bold]{tag}[/bold]: {escape(answer.answer['text'])}", highlight=False, soft_wrap=True)
+    console.print(f"{answer.seconds:.2f} s, {answer.tokens.get('generated', 0)} tokens generated", highlight=False)

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import statistics
 from pathlib import Path
 
+from culturalign.display import fmt
+
 CURVE_COLUMNS = ["cell", "code", "set", "optimizer", "seed", "evaluations", "best_l1", "seconds"]
 BASELINES = ("naive", "icl")
-
-
-def fmt(x, nd: int = 1) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
 def _csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -256,10 +253,9 @@ def specificity_summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def specificity_heatmap(path: Path, title: str, own: list[str], cols: list[str], matrix, names: dict[str, str]) -> None:
-    import matplotlib
+    from culturalign.display import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     from culturalign.files import atomic_write
@@ -362,41 +358,29 @@ def _step(curve: list[tuple[int, float]], xs: list[int]) -> list[float]:
 
 def convergence_plot(path: Path, title: str, curves_by_opt: dict[str, list[list[tuple[int, float]]]],
                      naive_l1: float | None) -> None:
-    import matplotlib
+    """Per optimizer the median best L1 over seeds (a step curve) with its min-max band; the naive L1 and half of it."""
+    import warnings
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from culturalign.files import atomic_write
+    from culturalign.display import convergence_plot as plot
 
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    lines = []
     for opt, curves in curves_by_opt.items():
         curves = [sorted(c) for c in curves if c]
         if not curves:
             continue
         xs = sorted({x for c in curves for x, _ in c})
         ys = np.array([_step(c, xs) for c in curves], dtype=float)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med, lo, hi = np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
-        line, = ax.plot(xs, med, drawstyle="steps-post", marker="o", markersize=2.5, label=f"{opt} (median of {len(curves)})")
-        if len(curves) > 1:
-            ax.fill_between(xs, lo, hi, step="post", alpha=0.2, color=line.get_color())
-    if naive_l1 is not None:
-        ax.axhline(naive_l1, color="tab:gray", linestyle=":", label=f"naive L1 ({naive_l1:.1f})")
-        ax.axhline(naive_l1 / 2, color="black", linestyle="--", label=f"½ naive ({naive_l1 / 2:.1f})")
-    ax.set_xlabel("candidate evaluations (full surveys)")
-    ax.set_ylabel("best L1 to target")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med, lo, hi = np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+        lines.append({"x": xs, "y": med, "label": f"{opt} (median of {len(curves)})", "band": (lo, hi) if len(curves) > 1 else None,
+                      "style": {"drawstyle": "steps-post", "marker": "o", "markersize": 2.5}})
+    refs = [] if naive_l1 is None else [(naive_l1, f"naive L1 ({naive_l1:.1f})", "tab:gray", ":"),
+                                        (naive_l1 / 2, f"½ naive ({naive_l1 / 2:.1f})", "black", "--")]
+    plot(path, lines, refs, ylabel="best L1 to target", title=title, size=(8.5, 4.2), dpi=110,
+         legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)})
 
 
 def plot_name(code: str, set_name: str) -> str:

@@ -50,7 +50,7 @@ class CellState:
 # ---- before anything runs: the output folder and the stored spec ---------------------------------------
 
 def _cell_state(cell: Cell, folder: Path) -> CellState:
-    from culturalign.alignment import inspect_out
+    from culturalign.align.run import inspect_out
 
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return CellState(cell, folder, "new")
@@ -189,7 +189,7 @@ def target_key(target) -> str:
 
 def cross_target(indices: dict[str, float], targets: list) -> dict[str, float | None]:
     """{target_key: L1 of `indices` to that target} over each target's published dimensions (arithmetic, no model)."""
-    from culturalign.targets import l1
+    from culturalign.measure.targets import l1
 
     return {target_key(t): l1(indices, t)[0] for t in targets}
 
@@ -199,7 +199,7 @@ def _floor(result: dict, target, instrument) -> dict | None:
     instrument and the run's constants."""
     u = result["profiles"].get("uniform")
     if u is None and instrument is not None:
-        from culturalign.survey import uniform_result
+        from culturalign.measure.survey import uniform_result
 
         u = uniform_result(instrument, target, result["settings"]["constants"]).to_json()
     return u
@@ -345,7 +345,7 @@ def run_heldout_cells(exp: Experiment, out: str | Path, states: list[CellState],
     from culturalign.experiments.report import write_outputs
     from culturalign.files import atomic_write_json
     from culturalign.heldout.checks import run_heldout
-    from culturalign.softprompt import SoftPrompt
+    from culturalign.softprompt.prompt import SoftPrompt
 
     todo = [s for s in states if (s.out / "result.json").is_file() and not (s.out / HELDOUT_FILE).is_file()]
     for i, s in enumerate(todo):

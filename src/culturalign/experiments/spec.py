@@ -10,7 +10,7 @@ A file (`experiments/paper.yaml`):
         - {country: SA, set: hofstede-2023}
         - US
         - CN@hofstede-2015
-      optimizers: [de, adam]         # any of `culturalign.alignment.OPTIMIZERS`
+      optimizers: [de, adam]         # any name in the optimizer registry (culturalign.search.registry)
       seeds: [0, 1, 2]               # default [0]
       budget: 200                    # candidate evaluations per cell
     settings: {tokens: 32, sigma: 40}          # any AlignConfig field, for every cell
@@ -105,10 +105,10 @@ class Cell:
 
     name: str  # <COUNTRY>-<set>-<optimizer>-s<seed>, the folder under OUT/cells/
     code: str  # the target's ISO alpha-2 code (or Hofstede's code, or its name)
-    target: Any  # culturalign.targets.Target
+    target: Any  # culturalign.measure.targets.Target
     optimizer: str
     seed: int
-    config: Any  # culturalign.alignment.AlignConfig, validated
+    config: Any  # culturalign.align.config.AlignConfig (checked on construction)
 
     @property
     def set_name(self) -> str:
@@ -124,7 +124,7 @@ class Experiment:
     path: Path  # the file it was read from
     name: str
     model: str
-    instrument: Any  # culturalign.instrument.Instrument
+    instrument: Any  # culturalign.measure.instrument.Instrument
     targets: list  # Target, in grid order
     optimizers: list[str]
     seeds: list[int]
@@ -282,7 +282,7 @@ def _check_value(where: str, key_path: str, name: str, value, hints: dict):
             return TypeAdapter(hint).validate_python(value)
         except ValidationError:
             bad = True
-        except Exception:  # a type pydantic cannot build a validator for: leave it to AlignConfig.validate
+        except Exception:  # a type pydantic cannot build a validator for: leave it to AlignConfig
             return value
     raise CulturalignError(f"{where}: {key_path}: expected {_type_name(hint)}, got {value!r}")
 
@@ -302,32 +302,37 @@ def _settings(where: str, prefix: str, values: dict, hints: dict, fields: list[s
     return out
 
 
-def _flag_key(message: str, names: list[str]) -> str | None:
-    """Which setting an AlignConfig error is about: it names the command-line flag of the field."""
-    found = [(message.find(f"--{n.replace('_', '-')}"), n) for n in names]
-    found = [(i, n) for i, n in found if i >= 0 and not message[i + len(n) + 2: i + len(n) + 3].isalnum()
-             and message[i + len(n) + 2: i + len(n) + 3] != "-"]
-    return min(found)[1] if found else None
+def _field_message(error: CulturalignError, names: list[str]) -> tuple[str | None, str]:
+    """Which setting an AlignConfig error is about (the first field it names), and its message for that setting:
+    the field's name leads the location, so the message drops it (or names it without its flag); other fields
+    keep their command-line flags, as the CLI shows them."""
+    from culturalign.align.config import flag
+    from culturalign.errors import ConfigError, field
 
-
-def _strip_flag(message: str, name: str) -> str:
-    flag = f"--{name.replace('_', '-')}"
-    if message.startswith(flag + " "):
-        return message[len(flag) + 1:]
-    return message.replace(flag, name)
+    if not isinstance(error, ConfigError):
+        return None, str(error)
+    key = next((f for f in error.fields if f in names), None)
+    if key is None:
+        return None, error.named(flag)
+    template = error.args[0]
+    mark = field(key)
+    rest = template[len(mark) + 1:] if template.startswith(mark + " ") else template.replace(mark, key)
+    return key, ConfigError(rest).named(flag)
 
 
 def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     """Read, check and resolve an experiment file; `model` overrides the file's model (CLI --model).
 
     Checks everything that can be checked without the model: keys and types, the targets (each
-    country in its set, no target twice), optimizer names (read from `OPTIMIZERS` now), seeds, and
-    each cell's `AlignConfig.validate()`. Nothing is written.
+    country in its set, no target twice), optimizer names (read from the optimizer registry now), seeds, and
+    each cell's `AlignConfig` (checked on construction). Nothing is written.
     """
-    from culturalign.alignment import OPTIMIZERS, AlignConfig
-    from culturalign.config import dfols_missing
-    from culturalign.instrument import load_instrument
-    from culturalign.targets import load_target
+    from culturalign.align.config import AlignConfig
+    from culturalign.search.registry import dfols_missing, optimizer_names
+
+    OPTIMIZERS = optimizer_names()
+    from culturalign.measure.instrument import load_instrument
+    from culturalign.measure.targets import load_target
 
     spec, where = read_spec_file(path)
     base = Path(path).resolve().parent
@@ -377,7 +382,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     fields = [f.name for f in dataclasses.fields(AlignConfig)]
     try:
         hints = typing.get_type_hints(AlignConfig)
-    except Exception:  # an annotation this Python cannot resolve: values are checked by validate() alone
+    except Exception:  # an annotation this Python cannot resolve: values are checked by AlignConfig alone
         hints = {}
     common = _settings(where, "settings", spec.settings, hints, fields, allow_budget=False)
     per_opt = {name: _settings(where, f"optimizer_settings.{name}", values, hints, fields, allow_budget=True)
@@ -389,7 +394,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
             except CulturalignError as e:
                 raise CulturalignError(f"{where}: {prefix}.constants: {e}") from None
         if "prompt" in values:
-            from culturalign.prompts import PROFILES
+            from culturalign.measure.prompts import PROFILES
 
             if values["prompt"] not in PROFILES:
                 raise CulturalignError(f"{where}: {prefix}.prompt: {values['prompt']!r}; expected one of {', '.join(PROFILES)}")
@@ -403,12 +408,10 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
                 values["budget"] = grid.budget
             values.setdefault("constants", inst.constants())
             for seed in grid.seeds:
-                cfg = AlignConfig(**values, seed=seed)
                 try:
-                    cfg.validate()
+                    cfg = AlignConfig(**values, seed=seed)
                 except CulturalignError as e:
-                    msg = str(e)
-                    key = _flag_key(msg, fields)
+                    key, msg = _field_message(e, fields)
                     if key == "seed":
                         at = f"grid.seeds[{grid.seeds.index(seed)}]"
                     elif key == "budget":
@@ -419,7 +422,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
                         at = f"settings.{key}"
                     else:
                         at = f"grid.optimizers[{grid.optimizers.index(opt)}] ({opt}, default {key or 'settings'})"
-                    raise CulturalignError(f"{where}: {at}: {_strip_flag(msg, key) if key else msg}") from None
+                    raise CulturalignError(f"{where}: {at}: {msg}") from None
                 if cfg.order != "forward" and inst.reverse_problem():
                     at = f"optimizer_settings.{opt}.order" if "order" in mine else "settings.order"
                     raise CulturalignError(f"{where}: {at}: {cfg.order}: {inst.reverse_problem()}")

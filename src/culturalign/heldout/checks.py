@@ -45,7 +45,7 @@ def _profile(result) -> dict:
 
 def _survey_pair(backend, instrument, prompt, target, constants, soft, stage: str, progress: Progress | None,
                  order: str = "forward") -> dict:
-    from culturalign.survey import Survey, uniform_result
+    from culturalign.measure.survey import Survey, uniform_result
 
     s = Survey(backend, instrument, prompt, target, constants, order=order)
     n = len(instrument.items)
@@ -88,8 +88,8 @@ def run_heldout(backend, soft_prompt, target, *, prompt: str = "naive", constant
     from culturalign import __version__
     from culturalign.heldout.mcq import load_mcq, run_mcq
     from culturalign.heldout.perplexity import load_text, perplexity
-    from culturalign.instrument import load_instrument, paraphrase_variants
-    from culturalign.survey import check_order
+    from culturalign.measure.instrument import load_instrument, paraphrase_variants
+    from culturalign.measure.survey import check_order
 
     if target is None:
         raise CulturalignError("the held-out checks need a target (the country the soft prompt was aligned to)")

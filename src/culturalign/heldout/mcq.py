@@ -283,7 +283,7 @@ def user_text(q: Question) -> str:
 
 def encode_questions(tokenizer, questions: list[Question], letters: str) -> tuple[list[list[int]], list[int]]:
     """Token ids of each question's prompt (ending where the letter goes) and the ids of `letters` there."""
-    from culturalign.prompts import option_token_ids, render
+    from culturalign.measure.prompts import option_token_ids, render
 
     texts = [render(tokenizer, None, user_text(q)) for q in questions]
     option_ids, tail = option_token_ids(tokenizer, texts[0], tuple(letters))
@@ -366,7 +366,7 @@ def _scores(qs: QuestionSet, ans: Answers, idx: np.ndarray | None = None) -> dic
 
 def country_key(country: str) -> str:
     """ISO alpha-2 code of a country name or code in the built-in target set, else the casefolded text."""
-    from culturalign.targets import load_target_set
+    from culturalign.measure.targets import load_target_set
 
     try:
         t = load_target_set().find(country)

@@ -1,5 +1,9 @@
 """Search: one ask/tell `Optimizer` protocol, one `minimize` loop, and the methods behind it.
 
+The stage of the pipeline that moves the soft prompt: `registry` holds one table of the methods (what
+`--optimizer` accepts, and every fact `AlignConfig` needs about each); `protocol` the ask/tell interface and
+the `Evaluation` an objective returns; `loop` the one `minimize` loop (checkpoints, budget, replay-resume).
+
 | name            | engine                    | reads             | resumes mid-run |
 |-----------------|---------------------------|-------------------|-----------------|
 | `de`            | own DE (the paper's)      | loss              | native state    |
@@ -13,21 +17,26 @@
 The black-box methods search z in [-bound, bound]^d; `adam` descends the full prompt (the white-box
 reference) and `adam-subspace` descends z through the same projection the black-box methods search,
 which measures what the subspace can reach at all.
+
+The names below are imported on first use (`from culturalign.search import DifferentialEvolution`), so that
+`culturalign.search.registry` stays light to import.
 """
 
-from culturalign.search.adam import Adam
-from culturalign.search.cmaes import CMAES
-from culturalign.search.de import DE, DEConfig, DifferentialEvolution, minimize_de
-from culturalign.search.dfols import DFOLS
-from culturalign.search.loop import LoopState, minimize
-from culturalign.search.protocol import Evaluation, Objective, Optimizer, ReplayOptimizer
-from culturalign.search.random import RandomSearch
-from culturalign.search.sgn import SGNConfig, SubspaceGaussNewton
+from __future__ import annotations
 
-from culturalign.config import OPTIMIZERS  # noqa: E402
-BLACK_BOX = ("de", "sgn", "cmaes", "dfols", "random")
-GRADIENT = ("adam", "adam-subspace")
+import importlib
 
-__all__ = ["Adam", "CMAES", "DE", "DEConfig", "DFOLS", "DifferentialEvolution", "Evaluation", "LoopState", "Objective",
-           "Optimizer", "OPTIMIZERS", "BLACK_BOX", "GRADIENT", "RandomSearch", "ReplayOptimizer", "SGNConfig", "SubspaceGaussNewton", "minimize",
-           "minimize_de"]
+_WHERE = {
+    "Adam": "adam", "CMAES": "cmaes", "DEConfig": "de", "DifferentialEvolution": "de", "minimize_de": "de",
+    "DFOLS": "dfols", "LoopState": "loop", "minimize": "loop", "Evaluation": "protocol", "Objective": "protocol",
+    "Optimizer": "protocol", "ReplayOptimizer": "protocol", "RandomSearch": "random", "SGNConfig": "sgn",
+    "SubspaceGaussNewton": "sgn", "OPTIMIZERS_TABLE": "registry", "OptimizerEntry": "registry",
+    "get_optimizer": "registry", "register_optimizer": "registry",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"culturalign.search.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'culturalign.search' has no attribute {name!r}")

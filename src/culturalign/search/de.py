@@ -1,6 +1,6 @@
 """Differential Evolution (the paper's method), with exactly resumable state.
 
-`DifferentialEvolution` is a small ask/tell engine (Storn & Price 1997) rather than
+`DEEngine` is a small ask/tell engine (Storn & Price 1997) rather than
 `scipy.optimize.differential_evolution`, because a long alignment run must checkpoint and resume
 to the bit-identical result: its whole state (population, fitness, generation, evaluations used,
 and the numpy `Generator`'s bit state) is a JSON-serialisable dict. It follows scipy's conventions
@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from culturalign.errors import CulturalignError
+from culturalign.errors import ConfigError, CulturalignError
+from culturalign.errors import field as F
 from culturalign.search.protocol import Evaluation, Optimizer
 
 STRATEGIES = ("rand1bin", "best1bin", "currenttobest1bin", "rand2bin")
@@ -35,9 +36,9 @@ class DEConfig:
     bound: float = 1.0  # search box [-bound, bound]^d
     include_origin: bool = True  # seed the population with z = 0 (the initial prompt itself)
 
-    def validate(self) -> "DEConfig":
+    def __post_init__(self):
         if self.popsize < 4:
-            raise CulturalignError(f"--popsize must be at least 4 for DE, got {self.popsize}")
+            raise ConfigError(f"{F('popsize')} must be at least 4 for DE, got {self.popsize}")
         if self.strategy not in STRATEGIES:
             raise CulturalignError(f"unknown DE strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if self.popsize < NEEDS[self.strategy] + 1:
@@ -46,20 +47,19 @@ class DEConfig:
             )
         fs = self.mutation if isinstance(self.mutation, (tuple, list)) else (self.mutation,)
         if not all(0 < f <= 2 for f in fs) or (len(fs) == 2 and fs[0] > fs[1]):
-            raise CulturalignError(f"--mutation (DE F) must be in (0, 2], or a 'min,max' pair within it, got {self.mutation}")
+            raise ConfigError(f"{F('mutation')} (DE F) must be in (0, 2], or a 'min,max' pair within it, got {self.mutation}")
         if not 0 <= self.crossover <= 1:
-            raise CulturalignError(f"--crossover (DE CR) must be in [0, 1], got {self.crossover}")
+            raise ConfigError(f"{F('crossover')} (DE CR) must be in [0, 1], got {self.crossover}")
         if not (0 < self.bound < float("inf")):
-            raise CulturalignError(f"--bound (DE box) must be a finite positive number, got {self.bound}")
-        return self
+            raise ConfigError(f"{F('bound')} (DE box) must be a finite positive number, got {self.bound}")
 
 
-class DifferentialEvolution:
-    """Ask/tell DE on the box [-bound, bound]^dim (or explicit `lower`/`upper`). Minimises."""
+class DEEngine:
+    """The DE engine: ask/tell DE on the box [-bound, bound]^dim (or explicit `lower`/`upper`). Minimises."""
 
     def __init__(self, dim: int, config: DEConfig | None = None, seed: int = 0,
                  lower: np.ndarray | None = None, upper: np.ndarray | None = None):
-        self.config = (config or DEConfig()).validate()
+        self.config = config or DEConfig()
         self.dim = dim
         b = self.config.bound
         self.lower = np.full(dim, -b) if lower is None else np.asarray(lower, float)
@@ -150,7 +150,7 @@ class DifferentialEvolution:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> "DifferentialEvolution":
+    def from_state(cls, state: dict) -> "DEEngine":
         cfg = dict(state["config"])
         if isinstance(cfg.get("mutation"), list):
             cfg["mutation"] = tuple(cfg["mutation"])
@@ -167,7 +167,7 @@ class DifferentialEvolution:
 def minimize_de(func: Callable[[np.ndarray], np.ndarray], dim: int, budget: int, config: DEConfig | None = None,
                 seed: int = 0, lower=None, upper=None, callback: Callable | None = None) -> OptimizeResult:
     """Minimise a vectorised `func` ([P, d] -> [P]) within `budget` evaluations; scipy-style result."""
-    de = DifferentialEvolution(dim, config, seed, lower, upper)
+    de = DEEngine(dim, config, seed, lower, upper)
     history = []
     while de.nfev + len(de.ask()) <= budget:
         pts = de.ask()
@@ -181,14 +181,15 @@ def minimize_de(func: Callable[[np.ndarray], np.ndarray], dim: int, budget: int,
                           population_energies=de.fitness, history=history)
 
 
-class DE(Optimizer):
-    """`DifferentialEvolution` behind the search protocol: one generation (`popsize` points) per ask."""
+class DifferentialEvolution(Optimizer):
+    """Differential Evolution behind the search protocol (`--optimizer de`): one generation (`popsize` points) per
+    ask, run by a `DEEngine`."""
 
     name = "de"
 
     def __init__(self, dim: int, seed: int = 0, config: DEConfig | None = None):
         super().__init__(dim, seed)
-        self.engine = DifferentialEvolution(dim, config, seed)
+        self.engine = DEEngine(dim, config, seed)
 
     def ask(self) -> np.ndarray:
         return self.engine.ask()
@@ -202,5 +203,5 @@ class DE(Optimizer):
         return self.engine.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.engine = DifferentialEvolution.from_state(state)
+        self.engine = DEEngine.from_state(state)
         self.nfev, self.generation = self.engine.nfev, self.engine.generation

@@ -33,7 +33,7 @@ class DFOLS(ReplayOptimizer):
     def __init__(self, dim: int, seed: int = 0, bound: float = 1.0, rhobeg: float = 0.3, rhoend: float = 1e-3,
                  maxfun: int = 10_000):
         # maxfun only caps each solve() (DFO-LS allocates in proportion to it); the loop's budget rules.
-        from culturalign.config import dfols_missing
+        from culturalign.search.registry import dfols_missing
         from culturalign.errors import CulturalignError
 
         if dfols_missing():

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from culturalign.errors import CulturalignError
+from culturalign.errors import ConfigError, CulturalignError
+from culturalign.errors import field as F
 from culturalign.search.protocol import Evaluation, Optimizer
 
 DIRECTIONS = ("gain", "gaussian", "vocab", "mixed")
@@ -60,24 +61,24 @@ class SGNConfig:
     def __post_init__(self):
         for name in ("probes", "steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise CulturalignError(f"sgn {name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"{F(name)} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.window, int) or self.window < self.probes:
-            raise CulturalignError(f"sgn window must be an integer >= probes ({self.probes}), got {self.window!r}")
+            raise ConfigError(f"{F('window')} must be an integer >= probes ({self.probes}), got {self.window!r}")
         if self.directions not in DIRECTIONS:
-            raise CulturalignError(f"sgn directions {self.directions!r}: expected one of {', '.join(DIRECTIONS)}")
+            raise ConfigError(f"{F('directions')} {self.directions!r}: expected one of {', '.join(DIRECTIONS)}")
         if self.loss not in ("l1", "l2"):
-            raise CulturalignError(f"sgn loss {self.loss!r}: expected l1 or l2")
+            raise ConfigError(f"{F('loss')} {self.loss!r}: expected l1 or l2")
         for name in ("probe_size", "radius", "max_radius", "min_radius"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
-                raise CulturalignError(f"sgn {name} must be a positive finite number, got {v!r}")
+                raise ConfigError(f"{F(name)} must be a positive finite number, got {v!r}")
         if not self.min_radius < self.radius <= self.max_radius:
             raise CulturalignError(f"sgn radii must satisfy min_radius < radius <= max_radius, got "
                                    f"{self.min_radius}, {self.radius}, {self.max_radius}")
         if not (np.isfinite(self.max_norm) and self.max_norm >= 0):
-            raise CulturalignError(f"sgn max_norm must be >= 0 (0 = no bound), got {self.max_norm!r}")
+            raise ConfigError(f"{F('max_norm')} must be >= 0 (0 = no bound), got {self.max_norm!r}")
         if not 0 <= self.explore <= 1:
-            raise CulturalignError(f"sgn explore must be in [0, 1], got {self.explore!r}")
+            raise ConfigError(f"{F('explore')} must be in [0, 1], got {self.explore!r}")
 
 
 class SubspaceGaussNewton(Optimizer):

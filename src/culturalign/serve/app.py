@@ -167,7 +167,7 @@ class Server:
     """What the routes need: the backend, the committee (or None), the models served, the queue."""
 
     def __init__(self, backend, committee=None, config: ServeConfig | None = None, instrument=None):
-        from culturalign.instrument import load_instrument
+        from culturalign.measure.instrument import load_instrument
 
         self.backend, self.committee = backend, committee
         self.config = config or ServeConfig()
@@ -476,8 +476,8 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
         if m.kind == "committee":
             raise APIError(400, f"the survey measures one model: {backend.name!r} or an expert such as "
                                 f"'{EXPERT_PREFIX}CN'; {COMMITTEE_ID} has no single profile", param="model")
-        from culturalign.survey import Survey
-        from culturalign.targets import BUILTIN_SETS, Target, load_target
+        from culturalign.measure.survey import Survey
+        from culturalign.measure.targets import BUILTIN_SETS, Target, load_target
 
         try:
             constants = srv.instrument.constants(req.constants or {})

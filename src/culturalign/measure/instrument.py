@@ -21,6 +21,7 @@ from culturalign.errors import CulturalignError
 
 SCHEMA = "culturalign.instrument/1"
 BUILTIN = ("vsm2013", "vsm2013-para-a", "vsm2013-para-b")
+ORDERS = ("forward", "reversed", "both")  # option order of the items: as listed, reversed, both averaged (measure.survey)
 REVERSED = "-reversed"  # suffix of an id: the instrument with every item's options presented in reverse order
 
 

@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from culturalign.backends import Backend, Distributions, GenerationRequest
-from culturalign.config import ORDERS  # forward, reversed, both: one definition, light to import
 from culturalign.errors import CulturalignError
-from culturalign.instrument import Instrument
-from culturalign.prompts import ANSWER_PREFIX, encode_items
-from culturalign.targets import Target, l1
+from culturalign.measure.instrument import ORDERS, Instrument  # noqa: F401  (ORDERS: the survey's option orders)
+from culturalign.measure.prompts import ANSWER_PREFIX, encode_items
+from culturalign.measure.targets import Target, l1
 
 MODES = ("logprob", "sample")
 ANSWER_RE = re.compile(r"^\s*\(?\s*([0-9]+)")

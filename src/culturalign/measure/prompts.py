@@ -14,8 +14,8 @@ information the optimizer gets).
 from __future__ import annotations
 
 from culturalign.errors import CulturalignError
-from culturalign.instrument import Instrument, Item
-from culturalign.targets import Target
+from culturalign.measure.instrument import Instrument, Item
+from culturalign.measure.targets import Target
 
 PROFILES = ("naive", "persona", "icl")
 ANSWER_PREFIX = "Answer:"

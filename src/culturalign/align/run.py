@@ -28,15 +28,15 @@ import torch
 from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json
-from culturalign.instrument import Instrument
-from culturalign.objective import CapabilityPenalty, ContrastTerm, FullPrompt, SurveyObjective
-from culturalign.prompts import system_text
-from culturalign.search import OPTIMIZERS, LoopState, minimize  # noqa: F401
-from culturalign.softprompt import Projection, SoftPrompt, embedding_std, initial_prompt, vocab_rows
-from culturalign.survey import Survey, uniform_result
-from culturalign.targets import Target
-
-from culturalign.config import POPULATION, AlignConfig, _finite  # noqa: F401  (re-exported: the align API)
+from culturalign.measure.instrument import Instrument
+from culturalign.align.config import AlignConfig
+from culturalign.align.objective import CapabilityPenalty, ContrastTerm, SurveyObjective
+from culturalign.measure.prompts import system_text
+from culturalign.search.loop import LoopState, minimize
+from culturalign.softprompt.params import FullPrompt, Projection, embedding_std, initial_prompt, vocab_rows
+from culturalign.softprompt.prompt import SoftPrompt
+from culturalign.measure.survey import Survey, uniform_result
+from culturalign.measure.targets import Target
 
 CHECKPOINT = "checkpoint.json"
 
@@ -110,7 +110,7 @@ class Aligner:
 
     def __init__(self, backend: Backend, instrument: Instrument, target: Target, config: AlignConfig, out: str | Path,
                  resume: bool = False, progress: Callable[[dict], None] | None = None):
-        self.backend, self.instrument, self.target, self.cfg = backend, instrument, target, config.validate()
+        self.backend, self.instrument, self.target, self.cfg = backend, instrument, target, config
         if config.uses_projection:
             Projection.check_dim(config.dim, config.tokens * backend.hidden_size)
         self.out, self.resume, self.progress = Path(out), resume, progress or (lambda info: None)
@@ -186,14 +186,14 @@ class Aligner:
         capability = CapabilityPenalty(self.backend, cfg.capability, cfg.capability_weight) if cfg.capability else None
         contrast = None
         if cfg.contrast:
-            from culturalign.targets import load_target_set
+            from culturalign.measure.targets import load_target_set
 
             others = [t for t in load_target_set(self.target.set_name).targets if t.name != self.target.name]
             contrast = ContrastTerm(self.survey.loss_mask, others, self.instrument.dims, cfg.contrast)
         objective = SurveyObjective(self.survey, param, cfg.mass_floor, cfg.mass_weight, capability, contrast)
-        sgn = cfg.optimizer == "sgn"
-        gain = self.backend.input_gain() if sgn else None
-        optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend) if sgn else None,
+        directions = cfg.method.directions  # sgn: real-token rows and the input gain
+        gain = self.backend.input_gain() if directions else None
+        optimizer = cfg.make_optimizer(param.dim, x0, tuple(p0.shape), vocab_rows(self.backend) if directions else None,
                                        None if gain is None else gain.double().numpy())
         loop_state = None
         if state:
@@ -234,7 +234,7 @@ class Aligner:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         from culturalign import __version__
-        from culturalign.reports import write_report
+        from culturalign.align.report import write_report
 
         state = self.state
         self.t_start = time.perf_counter() - (float(state.get("search_seconds", 0.0)) if state else 0.0)

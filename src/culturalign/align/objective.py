@@ -16,21 +16,7 @@ import torch
 
 from culturalign.errors import CulturalignError
 from culturalign.search.protocol import Evaluation
-from culturalign.survey import Survey
-
-
-class FullPrompt:
-    """The identity parameterisation: x is the prompt [n, hidden] flattened."""
-
-    def __init__(self, p0: torch.Tensor):
-        self.p0, self.shape, self.dim = p0.float(), tuple(p0.shape), p0.numel()
-
-    def __call__(self, x) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32)
-        return x.reshape(-1, *self.shape)
-
-    def x0(self) -> np.ndarray:
-        return self.p0.flatten().double().numpy()
+from culturalign.measure.survey import Survey
 
 
 ANCHOR_TEXT = "data/capability/anchor.txt"  # inside the culturalign package
