@@ -1,7 +1,14 @@
 """culturalign: align a frozen language model with a culture's measured values.
 
 Measure a model's Hofstede profile with the VSM 2013 (`survey`), and move it towards a country's
-published scores with a soft prompt searched by Differential Evolution (`align`).
+published scores with a soft prompt searched by a black-box optimizer (`align`).
+
+The subpackages follow the pipeline: `measure` (questionnaire -> prompts -> answer distributions ->
+indices -> L1), `backends` (the frozen model behind one interface), `softprompt` (the tensor and its
+parameterisations), `search` (the optimizer protocol, registry and loop), `align` (settings, objective,
+the checkpointed run and its report), `heldout` (checks on items and tasks the search never saw),
+`experiments` (grids of runs), `committee` (experts, router, composition) and `serve` (the HTTP API);
+`display` holds what every report shares, `errors` and `files` the rest.
 """
 
 from culturalign.errors import CulturalignError

@@ -3,6 +3,9 @@
 `main()` runs the Typer app without click's standalone handling, so usage errors (an unknown option,
 a value of the wrong type), `CulturalignError`s and Ctrl-C all end the same way: one line on stderr
 naming the input and what was expected, and exit status 2 (130 for an interrupt).
+
+Long because: it is split into the `cli/` package (one module per command group, shared options defined once)
+by the next change of issue 15, which removes this exemption.
 """
 
 from __future__ import annotations
@@ -1011,7 +1014,7 @@ def heldout(
     shown.print(f"held-out checks took {time.perf_counter() - t0:.1f} s", highlight=False)
 
 
-def _flags(error: CulturalignError) -> str:
+def error_text(error: CulturalignError) -> str:
     """The error as the command line says it: a setting's field shown as its flag (`popsize` -> `--popsize`)."""
     from culturalign.errors import ConfigError
 
@@ -1035,7 +1038,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="culturalign", standalone_mode=False)
     except CulturalignError as e:
-        _error_line(_flags(e))
+        _error_line(error_text(e))
         return 2
     except click_errors.NoArgsIsHelpError:  # the help has been printed
         return 0

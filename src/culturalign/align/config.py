@@ -58,7 +58,7 @@ class AlignConfig:
     capability: float | None = None  # max perplexity ratio of the anchor text (0 = no penalty); None: method default
     capability_weight: float = 100.0  # penalty per nat/token of anchor NLL past log(capability)
     contrast: float = 0.0  # weight of minus the mean L1 to the target set's other cultures (0 = off, paper A)
-    mass_floor: float | None = None  # None: the method's default (MASS_DEFAULTS)
+    mass_floor: float | None = None  # None: the method's default (its registry entry's `mass`)
     mass_weight: float | None = None
     constants: dict[str, float] = field(default_factory=dict)
     order: str = "forward"  # options as presented, reversed, or both orders averaged (see culturalign.measure.survey)

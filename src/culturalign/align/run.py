@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from culturalign.backends import Backend

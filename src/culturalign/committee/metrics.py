@@ -40,6 +40,9 @@ Alignment and diversity need many (culture x question) answers: they are compute
 answer tables (every expert's distribution in one call per question set, persona prompts in one set)
 mixed with the router's weights by the same `mix` the committee uses. The per-query metrics (3-6)
 come from `Committee.ask`, the path a user calls.
+
+Long because: this docstring defines the seven metrics, and each definition's one implementation (applied to
+every system by one `Evaluator`) is kept beside it.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ step, which mixes option distributions; it does not change which experts are cho
 
 At most `top_k` experts are kept; weights sum to 1 and are sorted in descending order. An empty
 expert list means the base model alone. Everything is deterministic.
+
+Long because: this docstring states the routing order, and its stages (gate, explicit culture, cues,
+neighbours) share the `Routing` they fill in step by step.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ instrument's indices), never from a fixed list.
 - Kendall tau per dimension across the grid's targets (as in the Cultural Alignment Test): does a method's
   profile rank the targets as their published scores do? Needs 3 or more targets with that dimension.
   The naive profile is the same for every target, so its tau is undefined (said so, not hidden).
+
+Long because: every table and plot of report.md is computed here from the same tidy rows, with the small
+helpers they share (targets, methods, finished cells).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ the file (unknown keys, types, optimizers, countries, every cell's AlignConfig) 
 `Experiment`: the resolved targets, one `Cell` per run and `normalised()`, the JSON that the
 experiment folder keeps to detect a changed file on resume. Every error is one line that names the
 file and the key path: `paper.yaml: grid.optimizers[2]: unknown optimizer 'foo'; expected one of de, adam`.
+
+Long because: the experiment file's schema and every check of it, each naming the file and key path, are one
+unit; splitting them would separate a rule from the message that reports it.
 """
 
 from __future__ import annotations
@@ -330,7 +333,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     from culturalign.align.config import AlignConfig
     from culturalign.search.registry import dfols_missing, optimizer_names
 
-    OPTIMIZERS = optimizer_names()
+    optimizers = optimizer_names()
     from culturalign.measure.instrument import load_instrument
     from culturalign.measure.targets import load_target
 
@@ -360,8 +363,8 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
             raise CulturalignError(f"{where}: grid.targets[{i}]: its folder name {c!r} is taken by targets[{codes.index(c)}]")
 
     for i, name in enumerate(grid.optimizers):
-        if name not in OPTIMIZERS:
-            raise CulturalignError(f"{where}: grid.optimizers[{i}]: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if name not in optimizers:
+            raise CulturalignError(f"{where}: grid.optimizers[{i}]: unknown optimizer {name!r}; expected one of {', '.join(optimizers)}")
         if name == "dfols" and dfols_missing():
             raise CulturalignError(f"{where}: grid.optimizers[{i}]: {dfols_missing()}")
         if grid.optimizers.index(name) != i:
@@ -370,9 +373,9 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
         if grid.seeds.index(seed) != i:
             raise CulturalignError(f"{where}: grid.seeds[{i}]: seed {seed} is given twice")
     for name in spec.optimizer_settings:
-        if name not in OPTIMIZERS:
+        if name not in optimizers:
             raise CulturalignError(
-                f"{where}: optimizer_settings.{name}: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+                f"{where}: optimizer_settings.{name}: unknown optimizer {name!r}; expected one of {', '.join(optimizers)}")
 
     try:
         inst = load_instrument(_local_path(spec.instrument, base))

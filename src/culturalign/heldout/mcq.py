@@ -31,6 +31,9 @@ the next-token distribution over the option letters, renormalised over the quest
 the prediction is the most likely letter. Questions go to `Backend.option_distributions` in batches
 that share the prompt's common prefix, every batch once per soft prompt row (with and without the
 prompt in one call).
+
+Long because: this docstring defines the question-file formats (culturalign's and CulturalBench's), and the
+reader, its per-cell checks and the scoring that rely on those rules sit beside them.
 """
 
 from __future__ import annotations

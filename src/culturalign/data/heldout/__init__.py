@@ -1,0 +1,1 @@
+"""Held-out data: the MCQ knowledge check's questions and the neutral perplexity text."""

@@ -1,0 +1,1 @@
+"""Target sets: published Hofstede scores per country or region (CSV)."""

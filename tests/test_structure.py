@@ -1,0 +1,157 @@
+"""The package's shape, checked: no import cycle, no long module without a reason, light modules stay light.
+
+The import graph is read with `ast` (nothing is imported): an edge A -> B for every `import B` or
+`from B import ...` that runs when A is imported, i.e. at module level; imports inside functions are
+deferred on purpose and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "culturalign"
+MAX_LINES = 400
+REASON = "Long because:"
+# Modules being changed on another branch (token streaming, issue 15 part 5) whose docstrings this branch leaves
+# alone: their reason is kept here until that branch moves it into the docstring.
+REASON_ELSEWHERE = {
+    "backends/hf.py": "one backend implements every Backend batch method (option distributions with a shared "
+                      "prefix, log-likelihoods, generation) and its plain reference path",
+    "serve/app.py": "the OpenAI-compatible routes, their request checks and the streaming responses share one app",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = ("culturalign",) + path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _module_level(body):
+    """The statements that run at import: the module body, descending into if/try/with but not def/class bodies."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                yield from _module_level(inner)
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The culturalign modules `name` imports at module level."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in _module_level(ast.parse(path.read_text("utf-8")).body):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}  # `from pkg import submodule`
+    return {m for m in found if m in known}
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) - {name} for name, path in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph as [a, b, ..., a], or None when it is acyclic."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    color = {n: WHITE for n in graph}
+    stack: list[str] = []
+
+    def visit(n):
+        color[n] = GREY
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if color.get(m, WHITE) == GREY:
+                return stack[stack.index(m):] + [m]
+            if color.get(m, WHITE) == WHITE:
+                color.setdefault(m, WHITE)
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        color[n] = BLACK
+        return None
+
+    for n in sorted(graph):
+        if color[n] == WHITE:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"x": {"y"}, "y": set(), "a": {"b", "x"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+def test_the_import_reader_sees_module_level_imports_only(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import culturalign.a\nfrom culturalign.b import x\nfrom . import c\ntry:\n    import culturalign.d\n"
+                 "except ImportError:\n    pass\n\ndef f():\n    import culturalign.e\n")
+    known = {"culturalign.a", "culturalign.b", "culturalign.c", "culturalign.d", "culturalign.e"}
+    assert imports_of("culturalign.m", f, known) == {"culturalign.a", "culturalign.b", "culturalign.c", "culturalign.d"}
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 40 and "culturalign.align.config" in graph["culturalign.align.run"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_pipeline_packages_exist_and_say_their_stage():
+    for package in ("measure", "backends", "softprompt", "search", "align", "heldout", "experiments", "committee",
+                    "serve", "data"):
+        init = SRC / package / "__init__.py"
+        assert init.is_file(), package
+        assert ast.get_docstring(ast.parse(init.read_text("utf-8"))), f"{package}/__init__.py has no docstring"
+
+
+def test_no_long_module_without_a_reason():
+    long = []
+    for name, path in modules().items():
+        text = path.read_text("utf-8")
+        if text.count("\n") <= MAX_LINES:
+            continue
+        rel = str(path.relative_to(SRC))
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if REASON not in doc and rel not in REASON_ELSEWHERE:
+            long.append(f"{rel} ({text.count(chr(10))} lines)")
+    assert long == [], f"over {MAX_LINES} lines without '{REASON} ...' in the docstring: {long}"
+    assert all((SRC / rel).is_file() for rel in REASON_ELSEWHERE)
+
+
+def test_the_config_and_the_registry_import_without_torch():
+    """The CLI reads AlignConfig and the optimizer table at start-up, before any model is loaded."""
+    code = ("import sys, culturalign.align.config, culturalign.search.registry, culturalign.softprompt; "
+            "bad = [m for m in ('torch', 'scipy', 'cma', 'culturalign.search.de', 'culturalign.search.sgn') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=SRC.parents[1])
+
+
+@pytest.mark.parametrize("old", ["instrument", "targets", "prompts", "survey", "config", "objective", "alignment",
+                                 "reports"])
+def test_no_module_left_at_its_old_path(old):
+    assert not (SRC / f"{old}.py").exists()
