@@ -163,3 +163,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(runner, tiny_dir, tmp_pat
     assert b["profiles"]["aligned"]["indices"] == a["profiles"]["aligned"]["indices"]
     assert b["profiles"]["aligned"]["items"] == a["profiles"]["aligned"]["items"]
     assert torch.equal(prompt_tensor(killed), prompt_tensor(ref))
+
+
+def test_cli_experts_build_order_and_contrast(runner, tiny_dir, tmp_path):
+    """`experts build` passes --order and --contrast to every expert's search and records them in the manifest."""
+    out = tmp_path / "reg"
+    r = runner.invoke(app, ["experts", "build", "--countries", "CN,JP", "--model", str(tiny_dir), "--optimizer", "de",
+                            "--budget", "8", "--popsize", "4", "--tokens", "2", "--dim", "4", "--order", "both",
+                            "--contrast", "0.5", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    entries = read(out / "manifest.json")["experts"]
+    assert [(e["code"], e["order"], e["contrast"]) for e in entries] == [("CN", "both", 0.5), ("JP", "both", 0.5)]
+    settings = read(out / "runs" / "CN" / "result.json")["settings"]
+    assert settings["order"] == "both" and settings["contrast"] == 0.5
+    r = runner.invoke(app, ["experts", "build", "--countries", "CN", "--model", str(tiny_dir), "--contrast", "2",
+                            "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "--contrast" in r.output

@@ -4,7 +4,7 @@
 # curves.csv, report.md, experiment.json, plots, each cell's heldout.json) are copied to benchmarks/experiments/<name>.
 set -u
 cd "$(dirname "$0")/../.."
-for name in ${@:-china-seeds china-order china-sgn china-sgn-seeds china-contrast china-de-bounded}; do
+for name in ${@:-china-seeds china-order china-sgn china-sgn-seeds china-contrast china-de-bounded paper}; do
   .venv/bin/culturalign experiment "experiments/$name.yaml" --heldout --out "runs/experiments/$name" || exit $?
   dest="benchmarks/experiments/$name"
   mkdir -p "$dest/heldout"

@@ -483,6 +483,8 @@ def experts_build(
     popsize: int = typer.Option(_D.popsize, "--popsize", metavar="N", help="Population of de, cmaes and random."),
     lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="Adam learning rate."),
     seed: int = typer.Option(_D.seed, "--seed", metavar="N", help="Seed of every expert's search."),
+    order: str = typer.Option(_D.order, "--order", metavar="ORDER", help=ORDER_HELP + " Every expert's search uses it."),
+    contrast: float = typer.Option(_D.contrast, "--contrast", metavar="W", help="Contrastive weight in [0, 1] (see `align --help`): each expert is rewarded for its own culture rather than for any move away from the naive profile (0 = off)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="cpu or cuda[:N]."),
 ):
     """Align one soft prompt per culture and write a registry (one PEFT folder per culture + manifest.json).
@@ -502,7 +504,7 @@ def experts_build(
     specs = parse_culture_specs(countries, targets)
     found = [load_target(code, set_name) for code, set_name in specs]
     cfg = AlignConfig(optimizer=optimizer, budget=budget, tokens=tokens, dim=dim, sigma=sigma,
-                      popsize=popsize, lr=lr, seed=seed)
+                      popsize=popsize, lr=lr, seed=seed, order=order, contrast=contrast)
     check_output_dir(out_dir, "--out")
     inst = load_instrument("vsm2013")
     cfg.constants = inst.constants()

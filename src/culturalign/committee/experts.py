@@ -208,6 +208,7 @@ def _install(out: Path, code: str, target, run_dir: Path, result: dict) -> dict:
         "aligned_option_mass": prof["aligned"]["mean_option_mass"],
         "optimizer": s["optimizer"], "budget": s["budget"], "evaluations": result["evaluations"], "seed": s["seed"],
         "tokens": s["tokens"], "constants": s["constants"], "instrument": s["instrument"],
+        "order": s.get("order", "forward"), "contrast": s.get("contrast", 0.0),
         "search_seconds": result["search_seconds"], "sha256": _sha256(dest / "adapter_model.safetensors"),
         "run": str(Path("runs") / code),
     }
