@@ -178,4 +178,5 @@ def test_cli_experts_build_order_and_contrast(runner, tiny_dir, tmp_path):
     assert settings["order"] == "both" and settings["contrast"] == 0.5
     r = runner.invoke(app, ["experts", "build", "--countries", "CN", "--model", str(tiny_dir), "--contrast", "2",
                             "--out", str(tmp_path / "bad")])
-    assert r.exit_code != 0 and "--contrast" in r.output
+    assert r.exit_code != 0 and isinstance(r.exception, CulturalignError), repr(r.exception)
+    assert "--contrast" in error_text(r.exception)
