@@ -1,6 +1,6 @@
 """Fitness evaluation speed: culturalign's evaluator against the plain one, in the same run.
 
-    python benchmarks/fitness.py [--population 16] [--tokens 8] [--prompt naive] [--repeats 5]
+    python benchmarks/fitness.py [--population 16] [--tokens 8] [--prompt naive] [--repeats 3]
 
 Both evaluate the same population of random soft prompts (each candidate = one full 24-item
 survey). Plain: every item as its full sequence (soft prompt + template + item), full logits.
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--population", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prompt", default="naive")
-    ap.add_argument("--repeats", type=int, default=5, help="timings per evaluator, alternating between them")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per evaluator, alternating between them")
     args = ap.parse_args()
     _quiet_libraries()
     backend = load_backend(args.model)
