@@ -5,7 +5,7 @@
 Both evaluate the same population of random soft prompts (each candidate = one full 24-item
 survey). Plain: every item as its full sequence (soft prompt + template + item), full logits.
 culturalign: root / section prefixes computed once per candidate and their KV caches shared,
-only the last position's logits. Each evaluator is timed `--repeats` times, alternating (A B A B ...,
+only the last position's logits. Each evaluator is timed `--repeats` times, alternating (A B B A A B ...,
 after one warm-up each), so that a change in the machine's load falls on both; printed: candidate
 evaluations per second for both (from the median time, with the range over repeats), the
 speed-up (ratio of medians, with the range of the per-pair ratios), and the largest difference
