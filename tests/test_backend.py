@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from culturalign import load_target
-from culturalign.backends import Backend, GenerationRequest, HFBackend, PromptSet
+from culturalign.backends import Backend, GenerationRequest, HFBackend, LoglikelihoodRequest, PromptSet, TextStream
 from culturalign.backends.hf import plain_option_distributions
 from culturalign.measure.survey import Survey
 
@@ -164,6 +164,65 @@ def test_sampling_several_sequences(tiny_lm, survey):
     assert len({tuple(g.token_ids) for r in a for g in r}) > 1
     greedy = tiny_lm.generate(reqs[:2], max_new_tokens=3, num_return_sequences=2)
     assert all(r[0].token_ids == r[1].token_ids for r in greedy)
+
+
+def test_on_step_hands_out_each_token_as_it_is_decoded(tiny_lm, bigram_lm, survey, vsm):
+    """The per-step callback: one call per decode step, each sequence's tokens exactly its result's, None once
+    it has ended; and the results are those of a call without the callback (greedy and sampled)."""
+    reqs = requests(survey, tiny_lm.hidden_size)
+    for lm, rs, kw in ((tiny_lm, reqs, dict(max_new_tokens=6)),
+                       (tiny_lm, reqs, dict(max_new_tokens=4, temperature=1.0, seed=4, num_return_sequences=3)),
+                       (tiny_lm, reqs[:2], dict(max_new_tokens=3, num_return_sequences=2)),
+                       (bigram_lm, requests(Survey(bigram_lm, vsm, "naive", None), bigram_lm.hidden_size),
+                        dict(max_new_tokens=5))):
+        steps = []
+        out = lm.generate(rs, on_step=steps.append, **kw)
+        assert [[g.token_ids for g in r] for r in out] == [[g.token_ids for g in r] for r in lm.generate(rs, **kw)]
+        assert 1 <= len(steps) <= kw["max_new_tokens"] and max(g.new_tokens for r in out for g in r) == len(steps)
+        for i, r in enumerate(out):
+            for j, g in enumerate(r):
+                seen = [s[i][j] for s in steps]
+                assert seen[: g.new_tokens] == g.token_ids and set(seen[g.new_tokens :]) <= {None}
+    # the bigram model ends every row after two tokens: "3", EOS, then nothing more is generated
+    assert [s[0][0] for s in steps] == [bigram_lm.tokenizer.convert_tokens_to_ids("3"), bigram_lm.tokenizer.eos_token_id]
+
+
+def test_text_stream_deltas_are_whole_characters(tiny_tokenizer):
+    tok = tiny_tokenizer
+    for text in ("Tea 中文 is ☕ here, déjà vu 🍵!", "  spaced out  ", "中"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) > len(text.split())  # multi-byte characters take several tokens
+        for strip in (False, True):
+            s = TextStream(tok, strip=strip)
+            deltas = [s.add(t) for t in ids]
+            final = tok.decode(ids, skip_special_tokens=True)
+            final = final.strip() if strip else final
+            assert "".join(deltas) + s.rest(final) == final
+            assert not any("\ufffd" in d for d in deltas)
+            assert "".join(deltas) == final and s.rest(final) == ""  # every character went out as soon as it was whole
+    s = TextStream(tok)
+    assert [s.add(t) for t in tok("中", add_special_tokens=False)["input_ids"]][-1] == "中"
+    s = TextStream(tok, strip=True)
+    assert [s.add(t) for t in tok(" a ", add_special_tokens=False)["input_ids"]] and s.sent == "a"
+
+
+def test_our_model_calls_raise_no_deprecation_warning(tiny_lm, survey):
+    """transformers 5.24 deprecates the forward argument `past_key_values` (removed in 5.40) in favour of `cache`:
+    every path that runs the model (shared caches, ragged rows, generation greedy and sampled, streamed, and
+    log-likelihoods) runs with FutureWarning and DeprecationWarning as errors."""
+    import warnings
+
+    rows = mixed_rows(tiny_lm.hidden_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        survey.distributions(torch.stack([rows[0], rows[0]]))
+        tiny_lm.option_distributions(survey.prompts, survey.option_ids, rows)
+        tiny_lm.option_distributions(survey.prompts, survey.option_ids, None)
+        reqs = requests(survey, tiny_lm.hidden_size)
+        tiny_lm.generate(reqs, max_new_tokens=3)
+        tiny_lm.generate(reqs, max_new_tokens=3, temperature=1.0, seed=1, num_return_sequences=2, on_step=lambda t: None)
+        tiny_lm.loglikelihood([LoglikelihoodRequest([1], [5, 6, 7]), LoglikelihoodRequest([], [5, 6], rows[0])])
 
 
 # ---- layering --------------------------------------------------------------------------------------------

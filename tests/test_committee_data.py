@@ -370,22 +370,25 @@ def test_missing_file_is_an_error(tmp_path):
     assert "nowhere.jsonl" in str(e.value)
 
 
-def test_unreadable_file_is_an_error(tmp_path):
+def test_unreadable_file_is_an_error(tmp_path, monkeypatch):
+    """A file the user may not read. Reading it is refused by a patched `Path.read_text` rather than by chmod 0,
+    which root ignores (and CI runs as root)."""
+    import errno
+    from pathlib import Path
+
     p = tmp_path / "locked.jsonl"
     p.write_text(_line() + "\n", "utf-8")
-    p.chmod(0)
-    try:
-        try:
-            open(p, "rb").close()
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("running with privileges that ignore file permissions")
-        with pytest.raises(CulturalignError, match="cannot be read") as e:
-            load_queries(p)
-        assert str(p) in str(e.value)
-    finally:
-        p.chmod(0o644)
+    read_text = Path.read_text
+
+    def refused(self, *args, **kwargs):
+        if self == p:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(CulturalignError, match=r"cannot be read \(Permission denied\)") as e:
+        load_queries(p)
+    assert str(p) in str(e.value)
 
 
 def test_query_is_frozen():

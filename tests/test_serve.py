@@ -224,6 +224,156 @@ def test_the_raw_stream_is_openai_sse(live):
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
 
 
+class Gated:
+    """The tiny backend, counting generate calls and decode steps; at step `hold` of call `call` it holds the
+    generation (after the step's tokens went out) until `go` is set, as a slow model would be mid-answer."""
+
+    def __init__(self, lm, call: int | None = None, hold: int | None = None):
+        self.lm, self.call, self.hold = lm, call, hold
+        self.calls = self.steps = 0
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def generate(self, requests, **kw):
+        outer = kw.pop("on_step", None)
+        self.calls, self.steps = self.calls + 1, 0
+
+        def on_step(tokens):
+            self.steps += 1
+            if outer is not None:
+                outer(tokens)
+            if (self.calls, self.steps) == (self.call, self.hold):
+                self.go.wait(5)  # long enough to see the chunk come; whole-answer streaming only sends it after
+
+        return self.lm.generate(requests, on_step=on_step, **kw)
+
+
+def first_text_step(tok, ids: list[int]) -> int:
+    """The decode step whose token first adds visible text."""
+    return next(k for k in range(1, len(ids) + 1) if tok.decode(ids[:k], skip_special_tokens=True).rstrip("\ufffd"))
+
+
+def streamed(client, **kw) -> tuple[list, list]:
+    """(chunks, (generate call, decode step) at which each content chunk arrived) of a streamed completion."""
+    gated, chunks, seen = kw.pop("gated"), [], []
+    for c in client.chat.completions.create(stream=True, **kw):
+        chunks.append(c)
+        if c.choices and c.choices[0].delta.content:
+            seen.append((gated.calls, gated.steps, c.choices[0].delta.content))
+            gated.go.set()
+    return chunks, seen
+
+
+def test_tokens_stream_as_they_are_decoded(tiny_lm):
+    """The first content chunk reaches the client while the model is held after the step that decoded it: it is
+    sent after one decode step, not after the answer."""
+    messages = user("Tell me about tea.")
+    g = alone(tiny_lm, messages, max_tokens=8)
+    k = first_text_step(tiny_lm.tokenizer, g.token_ids)
+    assert g.new_tokens > k + 1  # steps left to stream after the first chunk
+    gated = Gated(tiny_lm, call=1, hold=k)
+    with serving(create_app(gated, None, ServeConfig(**LIMITS))) as s:
+        chunks, seen = streamed(s.client(), gated=gated, model="tiny", messages=messages, max_tokens=8,
+                                stream_options={"include_usage": True})
+    assert seen[0][:2] == (1, k)  # received while generation was held at step k of 8
+    assert len(seen) > 1 and [x[1] for x in seen] == sorted(x[1] for x in seen) and gated.steps == g.new_tokens
+    assert "".join(x[2] for x in seen) == g.text
+    assert chunks[-1].usage.completion_tokens == g.new_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ("stop" if g.finished else "length")
+
+
+def test_streaming_rows_share_one_batch_and_stop_at_their_own_max_tokens(tiny_lm, committee):
+    models = ["culturalign/CN", "tiny", "culturalign/US"]
+    questions = ["How do you greet elders?", "What is a good gift?", "Who pays for dinner?"]
+    with serving(create_app(tiny_lm, committee, ServeConfig(batch_window_ms=1000, max_batch=8))) as s:
+        c = s.client()
+        results: dict[int, list] = {}
+
+        def ask(i):
+            results[i] = list(c.chat.completions.create(model=models[i], messages=user(questions[i]), max_tokens=3 + 2 * i,
+                                                        stream=True, stream_options={"include_usage": True}))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        stats = s.raw("GET", "/health")[2]["stats"]
+    assert sorted(results) == [0, 1, 2] and stats["batches"] == 1 and stats["rows"] == 3
+    for i, chunks in results.items():
+        soft = committee.registry[models[i].split("/")[-1]].embeddings if models[i] != "tiny" else None
+        g = alone(tiny_lm, user(questions[i]), soft, max_tokens=3 + 2 * i)
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == g.text
+        assert chunks[-1].usage.completion_tokens == g.new_tokens
+        assert [x for x in chunks if x.choices][-1].model_extra["culturalign"]["batch_size"] == 3
+
+
+def test_the_committee_streams_its_composed_reply_once_the_experts_answered(tiny_lm, registry_dir, committee):
+    q = "What do people in China and Japan eat at new year?"
+    expected = committee.ask(q)
+    assert expected.answer["composed"] is True and len(expected.experts) >= 2
+    probe, marks = Gated(tiny_lm), []
+    c = load_committee(probe, str(registry_dir), RouterConfig(gate=False), committee.config, encoder=BagOfWords())
+    assert c.ask(q, on_text=lambda d: marks.append((probe.calls, probe.steps, d))).to_json()["answer"] == expected.answer
+    call, step, _ = marks[0]
+    assert call == 2 and "".join(m[2] for m in marks) == expected.answer["text"]  # the composition, the 2nd call
+    gated = Gated(tiny_lm, call=2, hold=step)
+    c = load_committee(gated, str(registry_dir), RouterConfig(gate=False), committee.config, encoder=BagOfWords())
+    with serving(create_app(gated, c, ServeConfig(**LIMITS))) as s:
+        chunks, seen = streamed(s.client(), gated=gated, model="culturalign/committee", messages=user(q))
+    assert seen[0][:2] == (2, step) and len(seen) > 1
+    assert "".join(x[2] for x in seen) == expected.answer["text"]
+    final = [x for x in chunks if x.choices][-1]
+    assert final.model_extra["culturalign"]["answer"] == expected.answer
+
+
+def test_whole_answer_streaming_is_kept_as_an_option(tiny_lm):
+    """`stream_mode="answer"`: the answer is generated first, then sent (what `benchmarks/serve.py` compares with)."""
+    messages = user("Tell me about tea.")
+    g = alone(tiny_lm, messages, max_tokens=8)
+    gated = Gated(tiny_lm, call=1, hold=first_text_step(tiny_lm.tokenizer, g.token_ids))
+    gated.go.set()  # nothing to wait for: no chunk comes before the end
+    with serving(create_app(gated, None, ServeConfig(**LIMITS, stream_mode="answer"))) as s:
+        _, seen = streamed(s.client(), gated=gated, model="tiny", messages=messages, max_tokens=8)
+    assert all(x[1] == g.new_tokens for x in seen) and "".join(x[2] for x in seen) == g.text
+
+
+def test_an_error_before_the_first_token_is_an_http_error_when_streaming(tiny_lm):
+    with serving(create_app(Broken(tiny_lm))) as s:
+        with pytest.raises(openai.InternalServerError):
+            list(s.client().chat.completions.create(model="tiny", messages=user("Hi"), max_tokens=3, stream=True))
+        with pytest.raises(openai.BadRequestError) as e:
+            list(s.client().chat.completions.create(model="tiny", messages=user("word " * 3000), max_tokens=3, stream=True))
+        assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_an_error_after_the_first_token_ends_the_stream_with_an_error_event(tiny_lm):
+    class FailsMidway(Gated):
+        def generate(self, requests, **kw):
+            outer = kw.pop("on_step")
+
+            def on_step(tokens):
+                outer(tokens)
+                self.steps += 1
+                if self.steps == 3:
+                    raise RuntimeError("device lost (simulated)")
+
+            return self.lm.generate(requests, on_step=on_step, **kw)
+
+    messages = user("Tell me about tea.")
+    g = alone(tiny_lm, messages, max_tokens=8)
+    assert first_text_step(tiny_lm.tokenizer, g.token_ids) < 3 < g.new_tokens
+    with serving(create_app(FailsMidway(tiny_lm))) as s:
+        got = []
+        with pytest.raises(openai.APIError) as e:
+            for c in s.client().chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True):
+                got.append(c)
+        assert any(c.choices and c.choices[0].delta.content for c in got)
+        assert "device lost" not in str(e.value) and s.raw("GET", "/health")[0] == 200
+
+
 def test_the_committee_routes_and_reports_its_experts(client, committee):
     q = "What do people in China and Japan eat at new year?"
     r = client.chat.completions.create(model="culturalign/committee", messages=user(q))

@@ -6,10 +6,10 @@
 """
 
 from culturalign.backends.base import (
-    Backend, Distributions, Generation, GenerationRequest, LoglikelihoodRequest, PromptSet,
+    Backend, Distributions, Generation, GenerationRequest, LoglikelihoodRequest, PromptSet, TextStream,
 )
 from culturalign.backends.hf import HFBackend
 from culturalign.backends.loading import load_backend
 
 __all__ = ["Backend", "Distributions", "PromptSet", "GenerationRequest", "Generation", "LoglikelihoodRequest", "HFBackend",
-           "load_backend"]
+           "load_backend", "TextStream"]

@@ -14,7 +14,7 @@ model's embedding layer, its KV cache or its generation loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +115,39 @@ class Generation:
     finished: bool  # True if the model ended the sequence itself (EOS) within max_new_tokens
 
 
+class TextStream:
+    """Text deltas of a sequence that grows one token at a time (incremental detokenization, for streaming).
+
+    Each `add(token)` decodes the whole sequence so far (special tokens skipped, as `Generation.text`) and returns
+    the text not yet returned. A token that ends inside a multi-byte character decodes as U+FFFD until the
+    character's last byte comes, so trailing U+FFFD are held back; a token that merges with the text before it
+    changes the full decoding, not just its end, so deltas are cut from the full decoding, never from one token's.
+    If a longer decoding no longer starts with what was already returned (a tokenizer that rewrites earlier text),
+    nothing is returned until it does again. `strip=True` streams `text.strip()`: leading whitespace is dropped and
+    trailing whitespace is held back until text follows it. The deltas concatenate to `rest(final)`'s prefix:
+    `"".join(deltas) + rest(final) == final` for the final text.
+    """
+
+    def __init__(self, tokenizer, strip: bool = False):
+        self.tokenizer, self.strip = tokenizer, strip
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        if self.strip:
+            text = text.strip()
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def rest(self, final: str) -> str:
+        """What remains of the final text after the deltas returned so far ("" if they are not its prefix)."""
+        return final[len(self.sent):] if final.startswith(self.sent) else ""
+
+
 class Backend(ABC):
     """A frozen causal LM behind batch methods that take a soft prompt per row."""
 
@@ -165,11 +198,18 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], *, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0, num_return_sequences: int = 1) -> list[list[Generation]]:
+                 seed: int = 0, num_return_sequences: int = 1,
+                 on_step: Callable[[list[list[int | None]]], None] | None = None) -> list[list[Generation]]:
         """Continue every request (one batch, each row with its own soft prompt or none).
 
         Returns, per request, `num_return_sequences` generations. `temperature <= 0` is greedy (its
         copies are identical); otherwise pure sampling (no top-k / top-p), seeded by `seed`.
+
+        `on_step(tokens)`: called on the generating thread after every decode step, as the step's tokens come out
+        (for streaming), with `tokens[i][j]` the token just appended to request i's sequence j, or None where that
+        sequence had already ended (its end-of-sequence token came in an earlier step). The tokens a sequence gets
+        through `on_step` are exactly its `Generation.token_ids`; the callback changes nothing in the results.
+        An exception raised by the callback ends the generation and propagates.
         """
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], *, max_length: int | None = None,

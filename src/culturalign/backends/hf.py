@@ -18,7 +18,7 @@ have one length take the unpadded path.
 `plain_option_distributions` is the straightforward version (every prompt as its full sequence,
 full logits), kept as the reference for tests and benchmarks. Both are differentiable when a soft
 prompt requires grad. `generate` runs transformers' generation loop on left-padded input embeddings,
-each row's soft prompt placed after its padding. `loglikelihood` scores texts token by token in
+each row's soft prompt placed after its padding (its `on_step` callback rides the loop as a streamer). `loglikelihood` scores texts token by token in
 left-padded batches of windows, computing logits only at the positions that predict a scored token.
 
 Sliding-window models (Gemma 2/3, Mistral, Qwen 2 with `use_sliding_window`): the shared caches are exact only
@@ -29,6 +29,8 @@ from the model's config.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 from collections.abc import Callable, Sequence
@@ -156,9 +158,16 @@ class HFBackend(Backend):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=kv, config=self.model.config) if kv else DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, past_key_values=cache,
+        out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, **{self._cache_argument: cache},
                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]  # filled in place
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The forward argument that takes a KV cache: `cache` in transformers 5.24 (where `past_key_values` warns that
+        it is removed in 5.40), `past_key_values` in earlier 5.x. The cache object passed is filled in place, so the
+        output's own name for it (`cache` / `past_key_values`) is never read."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def option_distributions(self, prompts: PromptSet, option_ids: list[int], soft: SoftPrompts = None,
                              progress: Callable[[int], None] | None = None) -> Distributions:
@@ -333,7 +342,10 @@ class HFBackend(Backend):
         return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
 
     def generate(self, requests: Sequence[GenerationRequest], *, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0, num_return_sequences: int = 1) -> list[list[Generation]]:
+                 seed: int = 0, num_return_sequences: int = 1,
+                 on_step: Callable[[list[list[int | None]]], None] | None = None) -> list[list[Generation]]:
+        """See `Backend.generate`. `on_step` goes to transformers' loop as a streamer, which is handed each step's
+        tokens and changes nothing in the decoding."""
         if max_new_tokens < 1 or num_return_sequences < 1:
             raise ValueError("max_new_tokens and num_return_sequences must be at least 1")
         if not requests:
@@ -355,12 +367,14 @@ class HFBackend(Backend):
         greedy = temperature <= 0  # one deterministic continuation per row, copied
         options = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         copies = 1 if greedy else num_return_sequences
+        eos = self._eos_ids()
+        if on_step is not None:
+            options["streamer"] = _StepStreamer(on_step, len(requests), copies, num_return_sequences, eos)
         with torch.no_grad():
             out = self.model.generate(
                 inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
                 num_return_sequences=copies, pad_token_id=tok.pad_token_id, **options,
             )
-        eos = self._eos_ids()
         results = []
         for i, (n, r) in enumerate(zip(lengths, requests)):
             row = []
@@ -372,6 +386,31 @@ class HFBackend(Backend):
                                       prompt_tokens=n + len(r.ids), new_tokens=len(ids), finished=end is not None))
             results.append(row)
         return results
+
+
+class _StepStreamer:
+    """transformers' streamer interface (`put`, `end`) turned into `Backend.generate`'s `on_step` callback.
+
+    The loop first puts the prompt ids ([rows, length], empty when it starts from embeddings), then each step's
+    tokens ([rows], rows = requests x copies, request-major); a row that has ended gets padding, reported as None.
+    """
+
+    def __init__(self, on_step, n_requests: int, copies: int, sequences: int, eos: set[int]):
+        self.on_step, self.n, self.copies, self.sequences, self.eos = on_step, n_requests, copies, sequences, eos
+        self.ended = [False] * (n_requests * copies)
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() != 1:  # the prompt
+            return
+        step = []
+        for r, t in enumerate(value.tolist()):
+            step.append(None if self.ended[r] else t)
+            self.ended[r] = self.ended[r] or t in self.eos
+        self.on_step([[step[i * self.copies + (0 if self.copies == 1 else j)] for j in range(self.sequences)]
+                      for i in range(self.n)])
+
+    def end(self) -> None:
+        pass
 
 
 def plain_option_distributions(backend: HFBackend, prompts: PromptSet | list[list[int]], option_ids: list[int],

@@ -17,6 +17,11 @@ distribution is returned as well.
 Open questions: each routed expert generates in one `Backend.generate` batch (a soft prompt per row).
 With two or more expert answers the base model then composes one reply from them; with one, that
 answer is the reply (a composition of one answer would only cost time).
+
+Streaming (`ask(..., on_text=...)`): the reply's text goes out as it is decoded, in deltas that add up to
+`answer["text"]`. A composed reply can only start once every expert has answered, so it streams from
+then on; a single answer streams from its first token. Options queries generate nothing: their answer
+comes whole, at the end.
 """
 
 from __future__ import annotations
@@ -161,7 +166,8 @@ class Committee:
         return find_culture(list(self.cultures.values()), culture).code if self.cultures else culture
 
     def ask(self, query: str, culture: str | None = None, options: list[str] | None = None,
-            system: str = "committee") -> Answer:
+            system: str = "committee", on_text=None) -> Answer:
+        """`on_text(delta)`: called with the open reply's text as it is decoded (see the module docstring)."""
         query = self._check_query(query)
         culture = self.resolve_culture(culture)
         options = check_options(options)
@@ -170,7 +176,7 @@ class Committee:
         if options is not None:
             ans = self._ask_options(query, culture, options, system, experts)
         else:
-            ans = self._ask_open(query, culture, system, experts)
+            ans = self._ask_open(query, culture, system, experts, on_text)
         ans.routing, ans.seconds = routing, time.perf_counter() - t0
         return ans
 
@@ -210,19 +216,30 @@ class Committee:
         tokens = {"prompt": len(seqs[0]) * len(rows), "generated": 0}
         return Answer(query, system, culture, options, None, per, answer, 0.0, tokens)
 
-    def _generate(self, requests, max_new_tokens):
-        from culturalign.backends import GenerationRequest
+    def _generate(self, requests, max_new_tokens, on_text=None):
+        """One generate call; `on_text` (one request only) gets its stripped text as it is decoded."""
+        from culturalign.backends import GenerationRequest, TextStream
 
         reqs = [GenerationRequest(ids, soft) for ids, soft in requests]
+        stream = {}
+        if on_text is not None:
+            text = TextStream(self.backend.tokenizer, strip=True)
+
+            def on_step(tokens):
+                delta = "" if tokens[0][0] is None else text.add(tokens[0][0])
+                if delta:
+                    on_text(delta)
+
+            stream = {"on_step": on_step}
         out = self.backend.generate(reqs, max_new_tokens=max_new_tokens, temperature=self.config.temperature,
-                                    seed=self.config.seed)
+                                    seed=self.config.seed, **stream)
         return [g[0] for g in out]
 
     def _chat_ids(self, system: str | None, user: str) -> list[int]:
         tok = self.backend.tokenizer
         return tok(render(tok, system, user, answer_prefix=""), add_special_tokens=False)["input_ids"]
 
-    def _ask_open(self, query, culture, system, experts) -> Answer:
+    def _ask_open(self, query, culture, system, experts, on_text=None) -> Answer:
         cfg = self.config
         rows = self._rows(culture, system, experts)
         requests = []
@@ -230,7 +247,7 @@ class Committee:
             ids = self._chat_ids(sys_text, query)
             self._check_length(ids, (0 if soft is None else soft.shape[0]) + cfg.max_new_tokens, query)
             requests.append((ids, soft))
-        gens = self._generate(requests, cfg.max_new_tokens)
+        gens = self._generate(requests, cfg.max_new_tokens, on_text if len(rows) == 1 else None)  # one row: the reply
         per = []
         for (_, _, info), g in zip(rows, gens):
             if info is not None:
@@ -245,7 +262,7 @@ class Committee:
         prompt = COMPOSE_TEMPLATE.format(for_whom=for_whom, query=query, answers=listing)
         ids = self._chat_ids(None, prompt)
         self._check_length(ids, cfg.compose_max_new_tokens, query)
-        g = self._generate([(ids, None)], cfg.compose_max_new_tokens)[0]
+        g = self._generate([(ids, None)], cfg.compose_max_new_tokens, on_text)[0]
         tokens = {"prompt": tokens["prompt"] + len(ids), "generated": tokens["generated"] + g.new_tokens}
         answer = {"text": g.text.strip(), "tokens": g.new_tokens, "finished": g.finished, "composed": True}
         return Answer(query, system, culture, None, None, per, answer, 0.0, tokens)

@@ -31,8 +31,13 @@ for an unknown model or URL, 413 for a body over the limit, 503 when the queue i
 request runs out of time. A bug is a 500 with a generic message; no response carries a traceback.
 
 `stream: true` answers with server-sent events in OpenAI's chunk format (`chat.completion.chunk`,
-then `data: [DONE]`). The backend generates a batch as a whole, so the chunks are sent once the
-answer is ready: the format is streaming, the timing is not token by token.
+then `data: [DONE]`), token by token: each row of a batch sends its text as it is decoded (whole
+characters; see `batcher.py`), while the batch's other rows go on in the same forward passes. The
+committee streams its reply as it is decoded too, which for a composed reply means once every expert
+has answered (the composition needs their answers); an options answer comes whole. An error before
+the first token is an HTTP error as without streaming; after it, an `{"error": ...}` event ends the
+stream. `ServeConfig.stream_mode = "answer"` restores whole-answer streaming (the answer generated
+first, then sent in chunks), kept for `benchmarks/serve.py` to compare against.
 
 One log line per request on the `culturalign.serve` logger: method, path, model, status, prompt and
 completion tokens, batch size and latency.
@@ -264,8 +269,7 @@ class Server:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(left, 0.001))
         except (TimeoutError, asyncio.TimeoutError):
-            raise APIError(504, f"the request did not finish within the server's timeout of {self.config.timeout:g} s; "
-                                "try again, or with a smaller max_tokens", type="timeout_error", code="timeout") from None
+            raise timed_out(self.config.timeout) from None
         except ContextTooLong as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except QueueFull as e:
@@ -283,6 +287,11 @@ class Server:
             raise overloaded(str(e)) from None
 
 
+def timed_out(timeout: float) -> APIError:
+    return APIError(504, f"the request did not finish within the server's timeout of {timeout:g} s; "
+                         "try again, or with a smaller max_tokens", type="timeout_error", code="timeout")
+
+
 def overloaded(detail: str) -> APIError:
     return APIError(503, f"the server is busy: {detail}. Retry in a moment.", type="server_error", code="queue_full",
                     headers={"Retry-After": "1"})
@@ -291,6 +300,49 @@ def overloaded(detail: str) -> APIError:
 def _pieces(text: str) -> list[str]:
     """The text cut before each word (whitespace kept): chunks that concatenate to exactly the text."""
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p] or [""]
+
+
+def _content(chunk: dict, text: str) -> dict:
+    return {**chunk, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]}
+
+
+class Deltas:
+    """Text deltas pushed by the model worker's thread (`push`), read in order on the event loop, then None once
+    the job's future is done (the worker pushes every delta before it sets the result, and both travel through
+    `call_soon_threadsafe`, so none is lost or reordered)."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.watched = False
+
+    def push(self, delta: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    async def next(self, srv: "Server", future, started: float) -> str | None:
+        """The next delta, or None when the job is done; 504 when the request's time is up."""
+        if not self.watched:
+            self.watched = True
+            future.add_done_callback(lambda f: self._closed(None))
+        left = srv.config.timeout - (time.perf_counter() - started)
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.001))
+        except (TimeoutError, asyncio.TimeoutError):
+            future.cancel()  # leaves the queue if it is still waiting; a running job finishes unseen
+            raise timed_out(srv.config.timeout) from None
+
+    async def first(self, srv: "Server", future, started: float) -> str | None:
+        """The first delta (None: the job ended without one); the job's error, if it failed first, as `wait` gives it."""
+        delta = await self.next(srv, future, started)
+        if delta is None:
+            await srv.wait(future, started)  # raises the job's error as an APIError
+        return delta
+
+    def _closed(self, _) -> None:
+        try:
+            self.push(None)
+        except RuntimeError:  # the event loop is gone (the server stopped)
+            pass
 
 
 def _sse(data) -> str:
@@ -384,8 +436,9 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
             raise APIError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", param=param)
         temperature = cfg.default_temperature if req.temperature is None else req.temperature
         culture = srv.culture(request, req.culture)
+        live = Deltas() if req.stream and cfg.stream_mode == "tokens" else None
         if m.kind == "committee":
-            text, finish, usage, extra = await _committee_answer(req, culture, max_tokens, temperature, started)
+            future, reply = _committee_job(req, culture, max_tokens, temperature, live)
         else:
             if req.options is not None:
                 raise APIError(400, f"options are answered by {COMMITTEE_ID}; model {m.id!r} continues the chat",
@@ -393,20 +446,27 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
             job = GenerationJob(messages=[{"role": x.chat_role, "content": x.content} for x in req.messages],
                                 soft=None if m.expert is None else m.expert.embeddings,
                                 max_tokens=max_tokens or cfg.default_max_tokens, temperature=temperature, seed=req.seed,
-                                max_context=srv.max_context, fit=max_tokens is None)
-            r: GenerationResult = await srv.wait(srv.submit(srv.batcher.submit_generation, job), started)
-            text, finish = r.text, "stop" if r.finished else "length"
-            usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
-            extra = {"model_kind": m.kind, "culture": culture, "batch_size": r.batch_size,
-                     "queued_ms": round(r.queued_s * 1000, 1)}
-            if m.expert is not None:
-                extra.update(expert=m.expert.code, soft_prompt_tokens=int(m.expert.embeddings.shape[0]))
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        noted(request, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-              **({"batch": extra["batch_size"]} if "batch_size" in extra else {}))
+                                max_context=srv.max_context, fit=max_tokens is None,
+                                stream=None if live is None else live.push)
+            future = srv.submit(srv.batcher.submit_generation, job)
+
+            def reply(r: GenerationResult):
+                extra = {"model_kind": m.kind, "culture": culture, "batch_size": r.batch_size,
+                         "queued_ms": round(r.queued_s * 1000, 1)}
+                if m.expert is not None:
+                    extra.update(expert=m.expert.code, soft_prompt_tokens=int(m.expert.embeddings.shape[0]))
+                usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+                return r.text, "stop" if r.finished else "length", usage, extra
+
         head = {"id": _completion_id(), "created": int(time.time()), "model": m.id, "system_fingerprint": _fingerprint()}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        if live is not None:  # token by token: errors before the first delta are still HTTP errors
+            first = await live.first(srv, future, started)
+            return StreamingResponse(_live_stream(request, head, first, live, future, reply, include_usage, started),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, finish, usage, extra = finished(request, reply(await srv.wait(future, started)))
+        if req.stream:  # stream_mode "answer": the whole answer, then its chunks
             return StreamingResponse(_stream(head, text, finish, usage, extra, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return {**head, "object": "chat.completion",
@@ -414,8 +474,16 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
                              "finish_reason": finish}],
                 "usage": usage, "culturalign": extra}
 
-    async def _committee_answer(req: ChatCompletionRequest, culture, max_tokens, temperature, started):
-        """Committee.ask on the worker, exactly as `culturalign ask` calls it."""
+    def finished(request: Request, answer: tuple) -> tuple:
+        """The reply (text, finish, usage, extra) with its total tokens, noted for the request's log line."""
+        text, finish, usage, extra = answer
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        noted(request, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+              **({"batch": extra["batch_size"]} if "batch_size" in extra else {}))
+        return text, finish, usage, extra
+
+    def _committee_job(req: ChatCompletionRequest, culture, max_tokens, temperature, live):
+        """Committee.ask on the worker, exactly as `culturalign ask` calls it: its future, and its reply maker."""
         from culturalign.committee.compose import check_options
 
         last = req.messages[-1]
@@ -441,26 +509,57 @@ def create_app(backend, committee=None, config: ServeConfig | None = None, instr
             if n + c.config.max_new_tokens > limit:
                 raise ContextTooLong(f"this server's maximum context length is {limit} tokens; the question takes {n} "
                                      f"tokens and max_tokens asks for {c.config.max_new_tokens} more")
-            return c.ask(last.content, culture=culture, options=options, system="committee")
+            return c.ask(last.content, culture=culture, options=options, system="committee",
+                         on_text=None if live is None else live.push)
 
-        answer = await srv.wait(srv.submit(srv.batcher.submit_call, ask), started)
-        data = answer.to_json()
-        data["ignored_messages"] = len(req.messages) - 1
-        if options is not None:
-            text, finish = answer.answer["option"], "stop"
-        else:
-            text, finish = answer.answer["text"], "stop" if answer.answer.get("finished") else "length"
-        usage = {"prompt_tokens": int(answer.tokens.get("prompt", 0)), "completion_tokens": int(answer.tokens.get("generated", 0))}
-        return text, finish, usage, data
+        def reply(answer):
+            data = answer.to_json()
+            data["ignored_messages"] = len(req.messages) - 1
+            if options is not None:
+                text, finish = answer.answer["option"], "stop"
+            else:
+                text, finish = answer.answer["text"], "stop" if answer.answer.get("finished") else "length"
+            usage = {"prompt_tokens": int(answer.tokens.get("prompt", 0)),
+                     "completion_tokens": int(answer.tokens.get("generated", 0))}
+            return text, finish, usage, data
+
+        return srv.submit(srv.batcher.submit_call, ask), reply
 
     async def _stream(head, text, finish, usage, extra, include_usage):
+        """The whole answer, already generated, cut into chunks (`stream_mode` "answer")."""
         chunk = {**head, "object": "chat.completion.chunk"}
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                           "finish_reason": None}]})
         for piece in _pieces(text):
             if piece:
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                                  "finish_reason": None}]})
+                yield _sse(_content(chunk, piece))
+        yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                    "culturalign": extra})
+        if include_usage:
+            yield _sse({**chunk, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    async def _live_stream(request, head, first, live, future, reply, include_usage, started):
+        """Each text delta as the worker decodes it (`stream_mode` "tokens"), then what the final text adds (if
+        anything), the finish reason and usage. A failure after the first delta can only be an error event."""
+        chunk = {**head, "object": "chat.completion.chunk"}
+        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                          "finish_reason": None}]})
+        sent, delta = [], first
+        try:
+            while delta is not None:
+                sent.append(delta)
+                yield _sse(_content(chunk, delta))
+                delta = await live.next(srv, future, started)
+            text, finish, usage, extra = finished(request, reply(await srv.wait(future, started)))
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield "data: [DONE]\n\n"
+            return
+        so_far = "".join(sent)
+        rest = text[len(so_far):] if text.startswith(so_far) else ""
+        if rest:
+            yield _sse(_content(chunk, rest))
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
                     "culturalign": extra})
         if include_usage:

@@ -25,6 +25,13 @@ A batch generates up to its largest max_tokens and each row is cut to its own (g
 row does not depend on how long the batch runs). Under load the worker does not wait: the queue
 already holds the next batch while the current one runs.
 
+Streaming. A job with a `stream` callback gets its row's text as it is decoded: after every decode step
+of the batch's one `generate` call (`on_step`), the worker detokenizes each streaming row incrementally
+(`TextStream`: whole characters only) and calls its `stream(delta)`, up to the row's own max_tokens and
+end of sequence; rows that do not stream, in the same batch, are untouched. The job's future still
+gets the whole `GenerationResult`, after the last delta; its `text` is what the deltas add up to
+(`TextStream.rest` gives what is left, if anything).
+
 Limits. At most `max_queue` jobs wait (those running not counted); `submit` raises `QueueFull`
 beyond that. A job whose future is cancelled while it waits (its request timed out) leaves the
 queue at once and is never run; one already running cannot be interrupted and finishes unseen.
@@ -67,6 +74,7 @@ class GenerationJob:
     seed: int | None = None
     max_context: int | None = None  # the server's cap; the model's own context applies too
     fit: bool = False  # max_tokens is the server's default, not the client's: shrink it to the room left
+    stream: Callable[[str], None] | None = None  # called on the worker thread with each text delta as it is decoded
 
 
 @dataclass
@@ -277,7 +285,7 @@ class Batcher:
         return ids
 
     def _run_batch(self, jobs: list[_Job], started: float) -> None:
-        from culturalign.backends import GenerationRequest
+        from culturalign.backends import GenerationRequest, TextStream
 
         rows, requests = [], []
         for j in jobs:
@@ -292,8 +300,24 @@ class Batcher:
         seed = first.seed if first.seed is not None else (0 if first.temperature <= 0 else random.randrange(2**31))
         longest = max(j.work.max_tokens for j in rows)
         backend = self.backend
+        streams = {i: TextStream(backend.tokenizer) for i, j in enumerate(rows) if j.work.stream is not None}
+
+        def on_step(tokens: list[list[int | None]]) -> None:
+            for i, text in streams.items():
+                job, t = rows[i].work, tokens[i][0]
+                if t is None or job.stream is None or len(text.ids) >= job.max_tokens:
+                    continue
+                delta = text.add(t)
+                if delta:
+                    try:
+                        job.stream(delta)
+                    except Exception:  # a client gone (its event loop closed): the batch goes on without it
+                        log.debug("a stream callback failed; the row stops streaming", exc_info=True)
+                        job.stream = None
+
         try:
-            out = backend.generate(requests, max_new_tokens=longest, temperature=first.temperature, seed=seed)
+            out = backend.generate(requests, max_new_tokens=longest, temperature=first.temperature, seed=seed,
+                                   **({"on_step": on_step} if streams else {}))
         except Exception as e:
             for j in rows:
                 j.future.set_exception(e)

@@ -22,6 +22,9 @@ Every limit exists so that one client cannot take the model away from the others
                       positions, and never more than the model's own context.
     default_temperature  temperature when a request gives none: 0, greedy, so that the same request
                       gives the same answer, as `culturalign ask` does (OpenAI's default is 1).
+    stream_mode       "tokens": `stream: true` sends each token as it is decoded; "answer": the whole
+                      answer is generated first, then sent in chunks (the old way, kept for
+                      `benchmarks/serve.py` to compare against; no command-line flag).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import math
 from dataclasses import dataclass
 
 from culturalign.errors import CulturalignError
+
+STREAM_MODES = ("tokens", "answer")
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ServeConfig:
     max_context: int = 2048
     default_temperature: float = 0.0
     api_key: str | None = None
+    stream_mode: str = "tokens"
 
     def __post_init__(self):
         """Check every field; errors name the command-line flag (or the field, for those without one)."""
@@ -66,5 +72,7 @@ class ServeConfig:
             raise CulturalignError(f"--batch-window-ms must be at most 1000 (a window of seconds only adds latency), got {self.batch_window_ms}")
         if self.default_temperature > 2:
             raise CulturalignError(f"default_temperature must be in [0, 2], got {self.default_temperature}")
+        if self.stream_mode not in STREAM_MODES:
+            raise CulturalignError(f"stream_mode must be one of {', '.join(STREAM_MODES)}, got {self.stream_mode!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise CulturalignError("--api-key is empty; give a key, or leave the option out to serve without one")
