@@ -1,5 +1,8 @@
 """`HFBackend`: a frozen transformers causal LM; the program's hot loop.
 
+Long because: one backend implements every `Backend` batch method (option distributions with a shared prefix,
+log-likelihoods, generation with a per-step callback) and its plain reference path, which the tests compare.
+
 `option_distributions` returns, for a batch of rows (each with its own soft prompt or none), each
 prompt's probability over the option tokens (next-token softmax restricted to them, renormalized)
 and the mass the model put on them before renormalizing. It does the work once where it can:

@@ -1,5 +1,8 @@
 """The OpenAI-compatible app: `create_app(backend, committee, config)` from objects already loaded.
 
+Long because: the OpenAI-compatible routes, their request checks and the streaming responses (token by token,
+or the whole answer) share one app and its error handling.
+
 Routes:
 
     GET  /health                      liveness, the model, queue depth and batching counters (no key needed)
