@@ -87,7 +87,7 @@ class PNG(bytes):
         return f"<PNG image, {len(self)} bytes>"
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)  # eq would recurse: a naive profile is its own `naive`
 class Profile:
     """A measured cultural profile: six indices, the L1 to the target, and the references it is read against.
 
@@ -217,7 +217,7 @@ def survey(country=None, *, model=DEFAULT_MODEL, prompt: str | None = None, orde
 
 # ---- align --------------------------------------------------------------------------------------------
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Alignment:
     """An alignment run's result, like scipy's OptimizeResult: the soft prompt found, the profiles (naive, icl,
     aligned, uniform), the search history. `save(dir)` writes the folder `culturalign align --out` writes."""
