@@ -16,4 +16,27 @@ from culturalign.measure.instrument import Instrument, load_instrument
 from culturalign.measure.targets import Target, load_target, load_target_set
 
 __version__ = "0.1.0"
-__all__ = ["CulturalignError", "Instrument", "load_instrument", "Target", "load_target", "load_target_set"]
+
+# The front door (culturalign.api), resolved on first use so that `import culturalign` imports no torch.
+# `align` is the `culturalign.align` subpackage itself, made callable (see its __init__): a function of that
+# name would be replaced by the subpackage as soon as anything imports it.
+_API = ("survey", "ask", "load_model", "Profile", "Alignment", "Answer")
+
+__all__ = ["CulturalignError", "Instrument", "load_instrument", "Target", "load_target", "load_target_set", "align",
+           *_API]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "align":
+        return importlib.import_module("culturalign.align")
+    if name == "Answer":
+        return importlib.import_module("culturalign.committee.compose").Answer
+    if name in _API:
+        return getattr(importlib.import_module("culturalign.api"), name)
+    raise AttributeError(f"module 'culturalign' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -62,9 +62,9 @@ class CommitteeConfig:
             raise CulturalignError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
 
 
-@dataclass
+@dataclass(repr=False)
 class Answer:
-    """One system's answer to one query, with everything needed to score and explain it."""
+    """One system's answer to one query, with everything needed to score and explain it (`text`: the answer)."""
 
     query: str
     system: str
@@ -75,6 +75,23 @@ class Answer:
     answer: dict  # options: probs, choice (1-based), option, option_mass; open: text, tokens, finished
     seconds: float
     tokens: dict = field(default_factory=dict)  # prompt / generated token counts
+
+    @property
+    def text(self) -> str:
+        """The answer: the composed (or only) reply to an open question, the chosen option to one with options."""
+        return self.answer["option"] if self.options is not None else self.answer["text"]
+
+    def __repr__(self) -> str:
+        """As `culturalign ask` prints it: the routing, each expert's answer, the answer."""
+        import io
+
+        from rich.console import Console
+
+        from culturalign.committee.report import print_answer
+
+        buf = io.StringIO()
+        print_answer(self, Console(file=buf, width=100, color_system=None))
+        return buf.getvalue().rstrip()
 
     @property
     def responses(self) -> int:

@@ -153,6 +153,41 @@ class SurveyResult:
             "mean_option_mass": self.mean_option_mass, **self.extra,
         }
 
+    @classmethod
+    def from_json(cls, data: dict) -> "SurveyResult":
+        """The inverse of `to_json` (a saved profile, e.g. one of an align run's result.json); the fields `to_json`
+        derives (L1, option mass) and a `reference` are recomputed or dropped, everything else is kept in `extra`."""
+        derived = ("culturalign_version", "model", "instrument", "prompt", "mode", "order", "constants", "items",
+                   "indices", "target", "l1", "l1_dims", "missing_dims", "mean_option_mass", "reference")
+        target = data.get("target")
+        return cls(model=data["model"], instrument=data["instrument"], prompt=data["prompt"], mode=data["mode"],
+                   constants=dict(data["constants"]), items=list(data["items"]), indices=dict(data["indices"]),
+                   target=None if target is None else Target.from_json(target),
+                   extra={k: v for k, v in data.items() if k not in derived}, order=data.get("order", "forward"))
+
+
+def survey_json(result: SurveyResult, floor: SurveyResult | None = None) -> dict:
+    """One profile as `culturalign survey --json` writes it: the profile, and the uniform floor it is read against
+    under `reference.uniform` (`uniform_result`, same instrument, target and constants)."""
+    data = result.to_json()
+    if floor is not None:
+        data["reference"] = {"uniform": floor.to_json()}
+    return data
+
+
+def saved_order(soft_prompt, instrument: Instrument) -> str:
+    """The option order a soft prompt was aligned with (its culturalign.json; forward when it names none),
+    checked against `instrument`."""
+    where = repr(soft_prompt.source["path"]) if soft_prompt.source else "(in memory)"
+    saved = soft_prompt.meta.get("order", "forward")
+    if saved not in ORDERS:
+        raise CulturalignError(f"soft prompt {where}: culturalign.json names order {saved!r}; expected one "
+                               f"of {', '.join(ORDERS)} (or give --order)")
+    try:
+        return check_order(saved, instrument)
+    except CulturalignError as e:
+        raise CulturalignError(f"soft prompt {where} was aligned with {e}") from None
+
 
 UNIFORM = "uniform"  # the floor profile's prompt and mode: every item answered 1/K over its K options
 
