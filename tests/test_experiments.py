@@ -118,13 +118,16 @@ def test_toml_and_yaml_describe_the_same_experiment(tmp_path):
 
 
 def test_shipped_experiment_files():
-    """paper.yaml (the paper's four targets with DE), china.yaml (every other method on China) and
-    china-seeds.yaml (every method over three seeds) load and expand as documented."""
+    """paper.yaml (the paper's four targets with the default method, sgn) and paper-de.yaml (the same grid with
+    the paper's DE, 32 tokens through a 16-d projection at sigma 40) load and expand as documented."""
     root = Path(__file__).resolve().parents[1] / "experiments"
+    four = [("SA", "hofstede-2023"), ("US", "hofstede-2015"), ("CN", "hofstede-2015"), ("IN", "hofstede-2015")]
     paper = load_spec(root / "paper.yaml")
-    assert [(t.iso2, t.set_name) for t in paper.targets] == [("SA", "hofstede-2023"), ("US", "hofstede-2015"),
-                                                             ("CN", "hofstede-2015"), ("IN", "hofstede-2015")]
-    assert paper.optimizers == ["de"] and paper.seeds == [0] and {c.budget for c in paper.cells} == {200}
+    assert [(t.iso2, t.set_name) for t in paper.targets] == four
+    assert paper.optimizers == ["sgn"] and paper.seeds == [0] and {c.budget for c in paper.cells} == {200}
+    de = load_spec(root / "paper-de.yaml")
+    assert [(t.iso2, t.set_name) for t in de.targets] == four and de.optimizers == ["de"] and de.name == "paper-de"
+    assert {(c.config.budget, c.config.tokens, c.config.dim, c.config.sigma) for c in de.cells} == {(200, 32, 16, 40.0)}
 
 
 @needs_dfols
