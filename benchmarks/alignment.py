@@ -19,7 +19,7 @@ from pathlib import Path
 from culturalign.align.config import AlignConfig
 from culturalign.align.run import Aligner
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument
 from culturalign.measure.targets import load_target
 
@@ -43,7 +43,7 @@ def main():
             ap.error(f"--set {item!r}: expected FIELD=VALUE with a field of AlignConfig")
         kind = type(getattr(AlignConfig(), key))
         overrides[key] = kind(value) if kind in (int, float, str) else value
-    _quiet_libraries()
+    quiet_libraries()
     backend, inst = load_backend(args.model), load_instrument()
     rows = []
     for code in args.countries.split(","):

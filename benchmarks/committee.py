@@ -23,9 +23,9 @@ import time
 import torch
 
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
 from culturalign.committee.compose import load_committee
 from culturalign.committee.queries import load_queries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import Item
 from culturalign.measure.prompts import encode_prompts
 
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--queries", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     backend = load_backend(args.model)
     c = load_committee(backend, args.experts)
     codes = c.registry.codes

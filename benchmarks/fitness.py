@@ -20,7 +20,7 @@ import torch
 
 from culturalign.backends import load_backend
 from culturalign.backends.hf import plain_option_distributions
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument
 from culturalign.softprompt.params import embedding_std
 from culturalign.measure.survey import Survey
@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--prompt", default="naive")
     ap.add_argument("--repeats", type=int, default=3, help="timings per evaluator, alternating between them")
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     backend = load_backend(args.model)
     s = Survey(backend, load_instrument(), args.prompt, load_target("CN"))
     g = torch.Generator().manual_seed(0)

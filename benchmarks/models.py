@@ -40,7 +40,7 @@ from culturalign.align.config import AlignConfig
 from culturalign.align.run import CHECKPOINT, Aligner
 from culturalign.backends import load_backend
 from culturalign.backends.loading import FALLBACK_TEMPLATE, FALLBACK_TEMPLATE_BOS, GEMMA, GEMMA_INSTALL
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.errors import CulturalignError
 from culturalign.experiments.report import kendall
 from culturalign.measure.instrument import load_instrument
@@ -223,7 +223,7 @@ def main():
     args = ap.parse_args()
     if args.align_budget < 0:
         ap.error("--align-budget must be >= 0")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         targets = [parse_target(s) for s in args.targets.split(",") if s.strip()]
     except CulturalignError as e:

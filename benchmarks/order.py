@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument
 from culturalign.softprompt.params import embedding_std
 from culturalign.measure.survey import Survey
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("order.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _quiet_libraries()
+    quiet_libraries()
     load_avg = os.getloadavg()[0]
     backend = load_backend(args.model)
     inst, target = load_instrument(), load_target("CN")

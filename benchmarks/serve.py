@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.committee.compose import load_committee
 from culturalign.serve import ServeConfig, create_app
 from culturalign.serve.server import bind, uvicorn_server
@@ -301,7 +301,7 @@ def main():
     ap.add_argument("--out", default=None, help="the JSON written (default: serve.json, with --stream serve-stream.json)")
     args = ap.parse_args()
     args.out = args.out or str(Path(__file__).with_name("serve-stream.json" if args.stream else "serve.json"))
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import time
 import torch
 
 from culturalign.backends import Distributions, PromptSet, load_backend
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument
 from culturalign.softprompt.params import initial_prompt
 from culturalign.measure.survey import Survey
@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--country", default="CN")
     ap.add_argument("--text", default="You are a person from China.")
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     backend = load_backend(args.model)
     print(f"model {backend.name} loaded in {time.perf_counter() - t0:.1f} s on {backend.device} ({backend.dtype}); "

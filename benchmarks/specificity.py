@@ -19,9 +19,9 @@ import statistics
 from pathlib import Path
 
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
 from culturalign.committee.experts import load_registry
 from culturalign.committee.metrics import alignment_score, expert_matrix_rows, specificity
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument, paraphrase_variants
 from culturalign.measure.survey import Survey, uniform_result
 from culturalign.measure.targets import load_target_set
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--registry", default=None, help="expert registry folder (default: the shipped one)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("specificity.json")))
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     backend = load_backend(args.model)
     reg = load_registry(args.registry, backend.name, backend.hidden_size)
     base = load_instrument(reg.instrument)

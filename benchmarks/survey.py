@@ -13,7 +13,7 @@ import time
 import torch
 
 from culturalign.backends import load_backend
-from culturalign.cli import _quiet_libraries
+from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument
 from culturalign.measure.survey import Survey
 from culturalign.measure.targets import load_target
@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--country", default="CN")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     backend = load_backend(args.model)
     print(f"model {backend.name} loaded in {time.perf_counter() - t0:.1f} s on {backend.device} ({backend.dtype}), "

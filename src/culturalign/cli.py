@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from culturalign.display import quiet_libraries
 from culturalign.errors import CulturalignError
 from culturalign.serve.config import ServeConfig
 
@@ -88,16 +89,6 @@ def _align_defaults():
 
 
 _D = _align_defaults()  # the CLI's defaults are AlignConfig's
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
 
 
 def _parse_constants(values: list[str] | None) -> dict[str, float]:
@@ -1036,7 +1027,7 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit status; never raises."""
     from typer._click import exceptions as click_errors  # Typer vendors click
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         code = app(args=argv, prog_name="culturalign", standalone_mode=False)
     except CulturalignError as e:

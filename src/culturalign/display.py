@@ -1,13 +1,29 @@
-"""What every report shares: one number format and one convergence plot.
+"""What every report shares: one number format, one convergence plot, and quiet libraries.
 
 Each stage writes its own report (`measure.report`, `align.report`, `experiments.report`,
 `heldout.tables`, `committee.report`); the helpers they have in common live here, so a table cell or
-a convergence curve looks the same wherever it appears.
+a convergence curve looks the same wherever it appears. `quiet_libraries` keeps the libraries' own
+logs and download bars out of that output (the command line and the benchmarks call it).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    """Silence what the libraries print on their own: transformers' warnings and progress bars, FutureWarnings,
+    the tokenizers' fork warning; other loggers show warnings only. Imports transformers (not torch's models)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
 
 
 def fmt(x, nd: int = 1) -> str:
