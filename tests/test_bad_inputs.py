@@ -537,9 +537,9 @@ def _strict(text: str):
 @example(columns=["name", "PDI", "idv"], rows=[["Xland", "50", ""]], constants=["PDI=10"])  # the valid path, always
 @example(columns=["name", "PDI"], rows=[["Xland", "nan"]], constants=[])
 def test_random_target_files_and_constants(columns, rows, constants, tiny_lm, tmp_path_factory, monkeypatch, capsys):
-    import culturalign.cli
+    import culturalign.cli.common
 
-    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    monkeypatch.setattr(culturalign.cli.common, "load_model", lambda model, device: tiny_lm)
     folder = tmp_path_factory.mktemp("prop")
     tf = folder / "t.csv"
     lines = [",".join(columns)] + [",".join(r) for r in rows]

@@ -240,10 +240,10 @@ def run_cli(argv, capsys):
 
 def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, answers_1, vsm, china, tmp_path, capsys,
                                                   monkeypatch):
-    import culturalign.cli
+    import culturalign.cli.common
     from culturalign.softprompt.prompt import SoftPrompt
 
-    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    monkeypatch.setattr(culturalign.cli.common, "load_model", lambda model, device: tiny_lm)
     monkeypatch.setenv("COLUMNS", "250")
     out, result = both_run
     emb = SoftPrompt.load(out).embeddings
@@ -261,7 +261,7 @@ def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, a
     assert rev["order"] == "reversed"
     assert rev["l1"] == pytest.approx(Survey(tiny_lm, vsm, "naive", china, order="reversed").result(emb).l1, abs=1e-6)
     # sample mode through the command: both orders' answers are counted (24 items x 2 orders x 2 samples)
-    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: answers_1)
+    monkeypatch.setattr(culturalign.cli.common, "load_model", lambda model, device: answers_1)
     code, stdout, stderr = run_cli(["survey", "--model", tiny_dir, "--mode", "sample", "--samples", "2", "--temperature", "0",
                                     "--order", "both", "--json", tmp_path / "s.json"], capsys)
     assert code == 0, stderr
@@ -269,7 +269,7 @@ def test_survey_and_heldout_reuse_the_saved_order(both_run, tiny_dir, tiny_lm, a
     assert s["order"] == "both" and "unparsable answers: 0 of 96" in stdout
     assert s["items"][0]["probs"] == [0.5, 0.0, 0.0, 0.0, 0.5]
 
-    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    monkeypatch.setattr(culturalign.cli.common, "load_model", lambda model, device: tiny_lm)
     code, stdout, stderr = run_cli(["heldout", "--soft-prompt", out, "--model", tiny_dir, "--json", tmp_path / "h.json"],
                                    capsys)
     assert code == 0, stderr
@@ -344,9 +344,9 @@ def test_committee_alignment_metric_uses_the_order(tiny_lm, tmp_path):
 
 
 def test_resume_checks_the_order(tiny_dir, tiny_lm, tmp_path, capsys, monkeypatch):
-    import culturalign.cli
+    import culturalign.cli.common
 
-    monkeypatch.setattr(culturalign.cli, "_load", lambda model, device: tiny_lm)
+    monkeypatch.setattr(culturalign.cli.common, "load_model", lambda model, device: tiny_lm)
     base = ["align", "--model", tiny_dir, "--country", "CN", "--optimizer", "de", "--budget", "12", "--tokens", "2", "--dim", "4",
             "--sigma", "2"]
     code, _, stderr = run_cli([*base, "--out", tmp_path / "f"], capsys)
