@@ -290,6 +290,17 @@ def test_main_bad_constant():
     assert "--constant" in line
 
 
+def test_help_shows_bracketed_words(runner):
+    """Rich markup would read `[gemma]` or `[default: 20]` as a style and drop it from the help."""
+    r = invoke(runner, "survey", "--help")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "culturalign[gemma]" in text and "'culturalign'" not in text
+    assert "[default: 20]" in text and "[default: 1.0]" in text and "[default: 0]" in text
+    r = invoke(runner, "experiment", "--help")
+    assert "culturalign[gemma]" in " ".join(r.output.split())
+
+
 def test_main_countries_ok():
     proc = run_main("countries", "--json", "--targets", "hofstede-2023")
     assert proc.returncode == 0, proc.stderr

@@ -79,7 +79,7 @@ def experts_build(
         with progress:
             reg = build_experts(lm, inst, found, cfg, out_dir, progress=update, on_start=start)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] finished experts and the current checkpoint are kept; rerun the "
+        console.print("[yellow]interrupted:[/yellow] finished experts and the current checkpoint are kept; rerun the "
                       "same command to continue", highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
     out.print(experts_table(reg))

