@@ -1,4 +1,5 @@
-"""The package's shape, checked: no import cycle, no long module without a reason, light modules stay light.
+"""The package's shape, checked: no import cycle, no long module without a reason, light modules stay light,
+no command-line option declared twice.
 
 The import graph is read with `ast` (nothing is imported): an edge A -> B for every `import B` or
 `from B import ...` that runs when A is imported, i.e. at module level; imports inside functions are
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,55 @@ def test_the_config_and_the_registry_import_without_torch():
                                  "reports"])
 def test_no_module_left_at_its_old_path(old):
     assert not (SRC / f"{old}.py").exists()
+
+
+def declared_options(source: str) -> Counter:
+    """How many times `source` declares each command-line option: one count per long flag ("--model") in a
+    `typer.Option(...)` call, and per metavar of a `typer.Argument(...)` call (as "argument METAVAR")."""
+    found: Counter = Counter()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        kind = f.attr if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "typer" else None
+        if kind == "Option":
+            found.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                         and a.value.startswith("--"))
+        elif kind == "Argument":
+            found.update(f"argument {k.value.value}" for k in node.keywords
+                         if k.arg == "metavar" and isinstance(k.value, ast.Constant))
+    return found
+
+
+def test_the_option_counter_counts_declarations():
+    source = (
+        "import typer\n"
+        "from typing import Annotated\n"
+        "def a(x: int = typer.Option(1, '--x', '-x', help='x'), n: str = typer.Argument(..., metavar='N')): ...\n"
+        "Y = Annotated[int, typer.Option('--y', metavar='--not-a-flag')]\n"
+        "def y(help):\n    return typer.Option('--y', help=help)\n"
+        "def b(d: str = typer.Option('--default-value-not-a-flag', '--z')): ...\n"
+        "other.Option('--x')\n"
+    )
+    assert declared_options(source) == {"--x": 1, "--y": 2, "--default-value-not-a-flag": 1, "--z": 1, "argument N": 1}
+
+
+def test_no_option_declared_twice_in_the_cli():
+    """An option several commands take is declared once, in cli/options.py; the commands give it their help."""
+    counts = Counter()
+    for path in sorted((SRC / "cli").glob("*.py")):
+        counts += declared_options(path.read_text("utf-8"))
+    assert {"--model", "--device", "--json", "--seed", "--budget", "argument QUESTION"} <= set(counts)
+    assert {flag: n for flag, n in counts.items() if n > 1} == {}
+
+
+def test_the_cli_imports_without_torch():
+    """`culturalign --help` loads no model library: each command imports what it needs when it runs."""
+    code = ("import sys, culturalign.cli as cli, contextlib, io\n"
+            "heavy = ('torch', 'transformers', 'scipy', 'sentence_transformers', 'fastapi', 'culturalign.backends')\n"
+            "bad = [m for m in heavy if m in sys.modules]; assert not bad, ('import', bad)\n"
+            "for argv in (['--help'], ['survey', '--help'], ['align', '--help'], ['serve', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert cli.run(argv) == 0\n"
+            "bad = [m for m in heavy if m in sys.modules]; assert not bad, ('--help', bad)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=SRC.parents[1])

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from culturalign.cli import common
-from culturalign.cli import options as o
+import culturalign.cli.common as common
+import culturalign.cli.options as o
 from culturalign.cli.common import Command, console, out
 
 app = typer.Typer()

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from culturalign.cli import common
-from culturalign.cli import options as o
+import culturalign.cli.common as common
+import culturalign.cli.options as o
 from culturalign.cli.common import Command
 from culturalign.errors import CulturalignError
 
