@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from culturalign.backends import load_backend
-from culturalign.display import quiet_libraries
 from culturalign.committee.compose import load_committee
+from culturalign.display import quiet_libraries
 from culturalign.serve import ServeConfig, create_app
 from culturalign.serve.server import bind, uvicorn_server
 
