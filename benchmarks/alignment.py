@@ -16,8 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from culturalign.align.config import AlignConfig
-from culturalign.align.run import Aligner
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.run import Aligner
 from culturalign.backends import load_backend
 from culturalign.display import quiet_libraries
 from culturalign.measure.instrument import load_instrument

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from culturalign.align.config import AlignConfig
-from culturalign.align.run import CHECKPOINT, Aligner
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.run import CHECKPOINT, Aligner
 from culturalign.backends import load_backend
 from culturalign.backends.loading import FALLBACK_TEMPLATE, FALLBACK_TEMPLATE_BOS, GEMMA, GEMMA_INSTALL
 from culturalign.display import quiet_libraries

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from conftest import needs_dfols
 from culturalign import CulturalignError, load_target
-from culturalign.align.config import AlignConfig
-from culturalign.align.run import CHECKPOINT, Aligner
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.run import CHECKPOINT, Aligner
 from culturalign.cli import app
 from culturalign.softprompt.params import embedding_std
 from culturalign.softprompt.prompt import SoftPrompt
@@ -462,7 +462,7 @@ def test_adam_resume_after_interrupt(adam_run, tiny_lm, vsm, target, tmp_path):
     ({"init_text": "  "}, "init_text"),
 ])
 def test_config_validation(kw, needle):
-    from culturalign.align.config import flag
+    from culturalign.alignment.config import flag
     from culturalign.errors import ConfigError
 
     with pytest.raises(CulturalignError, match=needle) as e:

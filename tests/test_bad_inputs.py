@@ -459,15 +459,15 @@ def test_ctrl_c_in_survey_says_so(workspace, tiny_dir, monkeypatch, capsys):
 
 
 def test_ctrl_c_in_align_names_the_resume_command(workspace, tiny_dir, monkeypatch, capsys):
-    import culturalign.align.run
+    import culturalign.alignment.run
 
-    real = culturalign.align.run.Aligner._checkpoint
+    real = culturalign.alignment.run.Aligner._checkpoint
 
     def checkpoint_then_interrupt(self, *a, **k):
         real(self, *a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(culturalign.align.run.Aligner, "_checkpoint", checkpoint_then_interrupt)
+    monkeypatch.setattr(culturalign.alignment.run.Aligner, "_checkpoint", checkpoint_then_interrupt)
     out = workspace / "run"
     code, _, stderr = run_cli([a.replace("{M}", str(tiny_dir)) for a in ALIGN] + ["--out", str(out)], capsys)
     assert code == 130

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from culturalign import CulturalignError, load_target
-from culturalign.align.config import AlignConfig
-from culturalign.align.run import Aligner
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.run import Aligner
 from culturalign.heldout.perplexity import perplexity
-from culturalign.align.objective import CapabilityPenalty
+from culturalign.alignment.objective import CapabilityPenalty
 
 TEXT = "The river runs past the old mill and under a stone bridge before it reaches the sea."
 
@@ -69,7 +69,7 @@ def test_sgn_align_run_resumes_bit_identically(tiny_lm, vsm, tmp_path):
 
 
 def test_contrast_term_is_minus_the_mean_l1_to_the_other_cultures():
-    from culturalign.align.objective import ContrastTerm
+    from culturalign.alignment.objective import ContrastTerm
     from culturalign.measure.targets import Target
 
     dims = ["A", "B", "C"]

@@ -13,7 +13,7 @@ import torch
 from conftest import BagOfWords, make_registry
 
 from culturalign import CulturalignError, load_instrument, load_target
-from culturalign.align.config import AlignConfig
+from culturalign.alignment.config import AlignConfig
 from culturalign.committee.compose import Committee, CommitteeConfig, load_committee
 from culturalign.committee.cultures import load_cultures
 from culturalign.committee.experts import MANIFEST, build_experts, load_registry, parse_culture_specs

@@ -419,23 +419,23 @@ def test_out_holding_something_else_is_refused(tmp_path):
 
 
 def test_a_failed_cell_is_recorded_and_retried(tiny_lm, tmp_path, monkeypatch):
-    import culturalign.align.run
+    import culturalign.alignment.run
 
     exp = load_spec(write(tmp_path, "g.yaml", SMALL.format(budget=12)))
-    real = culturalign.align.run.Aligner.run
+    real = culturalign.alignment.run.Aligner.run
 
     def fail_for_us(self):
         if self.target.iso2 == "US":
             raise CulturalignError("no candidate gave a finite loss")
         return real(self)
 
-    monkeypatch.setattr(culturalign.align.run.Aligner, "run", fail_for_us)
+    monkeypatch.setattr(culturalign.alignment.run.Aligner, "run", fail_for_us)
     with pytest.raises(CulturalignError, match=r"1 of 2 cells did not finish \(first: US-hofstede-2015-de-s0, failed: no candidate"):
         run_experiment(exp, tmp_path / "out", LocalExecutor(backend=tiny_lm))
     rows = read_csv(tmp_path / "out" / "cells.csv")
     assert [r["status"] for r in rows] == ["finished", "failed"] and rows[1]["aligned_l1"] == ""
     assert "US-hofstede-2015-de-s0: failed" in (tmp_path / "out" / "report.md").read_text()
-    monkeypatch.setattr(culturalign.align.run.Aligner, "run", real)
+    monkeypatch.setattr(culturalign.alignment.run.Aligner, "run", real)
     result = run_experiment(exp, tmp_path / "out", LocalExecutor(backend=tiny_lm))
     assert result.ran == 1 and [r["status"] for r in result.rows] == ["finished", "finished"]
 

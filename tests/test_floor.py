@@ -64,7 +64,7 @@ def test_rank_and_specificity_by_hand():
 
 
 def _state(tmp_path, code, set_name="hofstede-2015", optimizer="de", seed=0):
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
     from culturalign.experiments.runner import CellState
     from culturalign.experiments.spec import Cell
 

@@ -12,8 +12,8 @@ import torch
 from conftest import bigram_backend
 
 from culturalign import CulturalignError, load_instrument, load_target
-from culturalign.align.config import AlignConfig
-from culturalign.align.run import Aligner
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.run import Aligner
 from culturalign.measure.prompts import encode_items
 from culturalign.measure.survey import Survey
 
@@ -221,7 +221,7 @@ def test_align_with_both_orders(both_run, tiny_lm, vsm, china):
 
 
 def test_align_default_records_forward_and_keeps_the_old_fingerprint(tiny_lm, vsm, china, tmp_path):
-    from culturalign.align.run import _fingerprint
+    from culturalign.alignment.run import _fingerprint
 
     cfg = AlignConfig(optimizer="de", budget=12, popsize=6, tokens=2, dim=4, sigma=2.0)
     assert "order" not in _fingerprint(cfg, tiny_lm, china, vsm)["config"]

@@ -186,7 +186,7 @@ def test_the_registry_agrees_with_each_engine():
 
 
 def test_a_new_method_is_one_registry_entry(monkeypatch):
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
     from culturalign.search import registry
 
     monkeypatch.setattr(registry, "OPTIMIZERS_TABLE", dict(registry.OPTIMIZERS_TABLE))
@@ -202,7 +202,7 @@ def test_a_new_method_is_one_registry_entry(monkeypatch):
 
 
 def test_config_errors_name_the_field():
-    from culturalign.align.config import AlignConfig, flag
+    from culturalign.alignment.config import AlignConfig, flag
     from culturalign.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
@@ -220,7 +220,7 @@ def test_dfols_without_the_package_is_one_error_saying_how_to_install_it(monkeyp
     import sys
 
     from culturalign import CulturalignError
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
     from culturalign.search.registry import dfols_missing
     from culturalign.experiments import load_spec
 

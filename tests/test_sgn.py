@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from culturalign.align.config import AlignConfig
+from culturalign.alignment.config import AlignConfig
 from culturalign.errors import CulturalignError
 from culturalign.search import Evaluation, LoopState, SGNConfig, SubspaceGaussNewton, minimize
 
@@ -137,7 +137,7 @@ def test_resume_mid_iteration_is_bit_identical():
     ("probe_size", float("inf"), "--probe-size must be a positive finite number"),
 ])
 def test_align_config_names_the_field_and_the_cli_its_flag(field, value, match):
-    from culturalign.align.config import flag
+    from culturalign.alignment.config import flag
 
     with pytest.raises(CulturalignError) as e:
         AlignConfig(optimizer="sgn", **{field: value})

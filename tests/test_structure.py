@@ -115,12 +115,12 @@ def test_the_import_reader_sees_module_level_imports_only(tmp_path):
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 40 and "culturalign.align.config" in graph["culturalign.align.run"]
+    assert len(graph) > 40 and "culturalign.alignment.config" in graph["culturalign.alignment.run"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_pipeline_packages_exist_and_say_their_stage():
-    for package in ("measure", "backends", "softprompt", "search", "align", "heldout", "experiments", "committee",
+    for package in ("measure", "backends", "softprompt", "search", "alignment", "heldout", "experiments", "committee",
                     "serve", "data"):
         init = SRC / package / "__init__.py"
         assert init.is_file(), package
@@ -143,7 +143,7 @@ def test_no_long_module_without_a_reason():
 
 def test_the_config_and_the_registry_import_without_torch():
     """The CLI reads AlignConfig and the optimizer table at start-up, before any model is loaded."""
-    code = ("import sys, culturalign.align.config, culturalign.search.registry, culturalign.softprompt; "
+    code = ("import sys, culturalign.alignment.config, culturalign.search.registry, culturalign.softprompt; "
             "bad = [m for m in ('torch', 'scipy', 'cma', 'culturalign.search.de', 'culturalign.search.sgn') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=SRC.parents[1])

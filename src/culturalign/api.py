@@ -266,7 +266,7 @@ def _fmt(x) -> str:
 
 def _align_config(settings: dict):
     """AlignConfig from keyword settings; an unknown name or a value of the wrong type is one error naming it."""
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
 
     names = [f.name for f in fields(AlignConfig)]
     for name, value in settings.items():
@@ -324,7 +324,7 @@ def align(country=None, budget: int | None = None, optimizer: str | None = None,
     target = _target(country, targets, target_file)
     if target is None:
         raise CulturalignError("no target: give a country (e.g. \"CN\") or target_file")
-    from culturalign.align.run import CHECKPOINT, Aligner, inspect_out
+    from culturalign.alignment.run import CHECKPOINT, Aligner, inspect_out
 
     if out is not None:
         out = Path(out)

@@ -57,7 +57,7 @@ def error_text(error: CulturalignError) -> str:
     from culturalign.errors import ConfigError
 
     if isinstance(error, ConfigError):
-        from culturalign.align.config import flag
+        from culturalign.alignment.config import flag
 
         return error.named(flag)
     return str(error)

@@ -72,8 +72,8 @@ def align(
     convergence.png to --out, and checkpoint.json after every generation.
     Example: culturalign align --country CN --budget 160
     """
-    from culturalign.align.config import AlignConfig
-    from culturalign.align.run import CHECKPOINT, Aligner, inspect_out
+    from culturalign.alignment.config import AlignConfig
+    from culturalign.alignment.run import CHECKPOINT, Aligner, inspect_out
     from culturalign.measure.instrument import load_instrument
     from culturalign.measure.report import print_profiles
     from culturalign.measure.survey import check_order
@@ -161,7 +161,7 @@ RESUMABLE = ("optimizer", "tokens", "dim", "seed", "projection_seed", "init", "i
 
 def _resumed_config(ctx: typer.Context, saved: dict, budget: int, typed: dict, mutation: list[float]):
     """The checkpoint's AlignConfig with the new budget; a setting typed again must equal the saved one."""
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
 
     values = dict(saved)
     if isinstance(values.get("mutation"), list):

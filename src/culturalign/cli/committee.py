@@ -50,7 +50,7 @@ def experts_build(
     Rerun the same command to continue: finished experts are kept, an interrupted one resumes.
     Example: culturalign experts build --countries CN,US,IN,SA@hofstede-2023 --optimizer adam --budget 16 --out experts/
     """
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
     from culturalign.committee.experts import build_experts, parse_culture_specs
     from culturalign.files import check_output_dir
     from culturalign.measure.instrument import load_instrument

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from culturalign.align.config import AlignConfig  # light: no torch at start-up
+from culturalign.alignment.config import AlignConfig  # light: no torch at start-up
 
 ALIGN_DEFAULTS = AlignConfig()  # the defaults of `align` and `experts build` are AlignConfig's
 DEFAULT_MODEL = "smollm2-135m"

@@ -159,7 +159,7 @@ def build_experts(backend, instrument, targets: list, config, out: str | Path,
     Finished experts (in the manifest, tensor unchanged) are kept; an interrupted one resumes from its
     checkpoint in `out/runs/<code>`. The manifest is rewritten atomically after each expert.
     """
-    from culturalign.align.run import CHECKPOINT, Aligner
+    from culturalign.alignment.run import CHECKPOINT, Aligner
 
     out = Path(out)
     entries: list[dict] = []

@@ -45,7 +45,7 @@ class LocalExecutor:
 
     @contextlib.contextmanager
     def open(self, exp, todo):
-        from culturalign.align.run import Aligner
+        from culturalign.alignment.run import Aligner
         from culturalign.backends import load_backend
 
         if self.backend is None:
@@ -79,7 +79,7 @@ _WORKER_BACKENDS: dict = {}  # per Ray worker process: (model, device) -> backen
 def run_cell_task(model: str, device: str | None, instrument, target, config, out: str, resume: bool) -> dict:
     """One cell in a Ray worker: load (or reuse) the backend, run the Aligner, return the outcome."""
     try:
-        from culturalign.align.run import Aligner
+        from culturalign.alignment.run import Aligner
         from culturalign.backends import load_backend
 
         key = (model, device)
@@ -164,7 +164,7 @@ class RayExecutor:
                            s.resume)
 
     def _poll_progress(self, running, progress) -> None:
-        from culturalign.align.run import read_checkpoint
+        from culturalign.alignment.run import read_checkpoint
 
         for s, _ in running.values():
             if (s.out / "checkpoint.json").is_file():

@@ -50,7 +50,7 @@ class CellState:
 # ---- before anything runs: the output folder and the stored spec ---------------------------------------
 
 def _cell_state(cell: Cell, folder: Path) -> CellState:
-    from culturalign.align.run import inspect_out
+    from culturalign.alignment.run import inspect_out
 
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return CellState(cell, folder, "new")

@@ -111,7 +111,7 @@ class Cell:
     target: Any  # culturalign.measure.targets.Target
     optimizer: str
     seed: int
-    config: Any  # culturalign.align.config.AlignConfig (checked on construction)
+    config: Any  # culturalign.alignment.config.AlignConfig (checked on construction)
 
     @property
     def set_name(self) -> str:
@@ -309,7 +309,7 @@ def _field_message(error: CulturalignError, names: list[str]) -> tuple[str | Non
     """Which setting an AlignConfig error is about (the first field it names), and its message for that setting:
     the field's name leads the location, so the message drops it (or names it without its flag); other fields
     keep their command-line flags, as the CLI shows them."""
-    from culturalign.align.config import flag
+    from culturalign.alignment.config import flag
     from culturalign.errors import ConfigError, field
 
     if not isinstance(error, ConfigError):
@@ -330,7 +330,7 @@ def load_spec(path: str | Path, model: str | None = None) -> Experiment:
     country in its set, no target twice), optimizer names (read from the optimizer registry now), seeds, and
     each cell's `AlignConfig` (checked on construction). Nothing is written.
     """
-    from culturalign.align.config import AlignConfig
+    from culturalign.alignment.config import AlignConfig
     from culturalign.search.registry import dfols_missing, optimizer_names
 
     optimizers = optimizer_names()

@@ -28,8 +28,8 @@ from culturalign.backends import Backend
 from culturalign.errors import CulturalignError
 from culturalign.files import atomic_write_json
 from culturalign.measure.instrument import Instrument
-from culturalign.align.config import AlignConfig
-from culturalign.align.objective import CapabilityPenalty, ContrastTerm, SurveyObjective
+from culturalign.alignment.config import AlignConfig
+from culturalign.alignment.objective import CapabilityPenalty, ContrastTerm, SurveyObjective
 from culturalign.measure.prompts import system_text
 from culturalign.search.loop import LoopState, minimize
 from culturalign.softprompt.params import FullPrompt, Projection, embedding_std, initial_prompt, vocab_rows
@@ -233,7 +233,7 @@ class Aligner:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         from culturalign import __version__
-        from culturalign.align.report import write_report
+        from culturalign.alignment.report import write_report
 
         state = self.state
         self.t_start = time.perf_counter() - (float(state.get("search_seconds", 0.0)) if state else 0.0)
