@@ -144,17 +144,3 @@ def target(ctx: typer.Context, country, targets, target_file):
     if target_file is not None and given(ctx, "targets"):
         raise CulturalignError(f"--targets {targets!r} and --target-file both name targets; give only one of them")
     return load_target(country, targets, target_file)
-
-
-def saved_order(sp, inst) -> str:
-    """The option order a soft prompt was aligned with (its culturalign.json; forward when it names none)."""
-    from culturalign.measure.survey import ORDERS, check_order
-
-    saved = sp.meta.get("order", "forward")
-    if saved not in ORDERS:
-        raise CulturalignError(f"soft prompt {sp.source['path']!r}: culturalign.json names order {saved!r}; expected one "
-                               f"of {', '.join(ORDERS)} (or give --order)")
-    try:
-        return check_order(saved, inst)
-    except CulturalignError as e:
-        raise CulturalignError(f"soft prompt {sp.source['path']!r} was aligned with {e}") from None

@@ -116,7 +116,7 @@ def heldout(
     from culturalign.measure.instrument import load_instrument
     from culturalign.measure.prompts import PROFILES
     from culturalign.softprompt.prompt import SoftPrompt
-    from culturalign.measure.survey import check_order
+    from culturalign.measure.survey import check_order, saved_order
 
     sp = SoftPrompt.load(soft_prompt)
     target = _soft_prompt_target(sp, ctx, country, targets, target_file)
@@ -129,7 +129,7 @@ def heldout(
     if order is not None:
         check_order(order, inst)
     else:
-        order = common.saved_order(sp, inst)
+        order = saved_order(sp, inst)
     constants = inst.constants(common.parse_constants(constant))
     load_mcq(mcq_file)  # bad inputs fail before the model loads
     load_text(text)

@@ -78,7 +78,7 @@ def survey(
     from culturalign.measure.prompts import PROFILES
     from culturalign.measure.report import print_profiles
     from culturalign.softprompt.prompt import SoftPrompt
-    from culturalign.measure.survey import MODES, Survey, check_order, uniform_result
+    from culturalign.measure.survey import MODES, Survey, check_order, saved_order, survey_json, uniform_result
 
     if mode not in MODES:
         raise CulturalignError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -108,7 +108,7 @@ def survey(
     target = common.target(ctx, country, targets, target_file) if (country is not None or target_file) else None
     sp = SoftPrompt.load(soft_prompt) if soft_prompt is not None else None  # fails before the model loads
     if order is None:  # every profile in the order the soft prompt was aligned with, so that they compare
-        order = "forward" if sp is None else common.saved_order(sp, inst)
+        order = "forward" if sp is None else saved_order(sp, inst)
     lm = common.load_model(model, device)
     runs = [(p, p, None, None) for p in prompts]
     if sp is not None:
@@ -133,7 +133,7 @@ def survey(
     floor = uniform_result(inst, target, constants)  # the reference every profile is shown against (no model call)
     data = None
     if json_path is not None:
-        data = [{**r.to_json(), "reference": {"uniform": floor.to_json()}} for r in results]
+        data = [survey_json(r, floor) for r in results]
     shown = common.emit_json(json_path, None if data is None else data[0] if len(data) == 1 else data)
     print_profiles(results + [floor], shown)
     shown.print("uniform: every item answered 1/K over its options, no model call (the floor a profile must beat)",
