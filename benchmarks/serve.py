@@ -200,6 +200,31 @@ def p95(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=20, method="inclusive")[18] if len(xs) > 1 else (xs[0] if xs else float("nan"))
 
 
+def alternate(apps: dict, served: dict, drive_fn, requests: list[dict], c: int, rounds: int):
+    """`rounds` rounds of `requests` at concurrency `c` against each of the two served apps, in ABBA order so that a
+    drifting load hits both. Returns each mode's per-round results, its (generate calls, rows) and how many answers
+    were the same in both modes, summed over the rounds."""
+    runs = {mode: [] for mode in served}
+    batches = {mode: [0, 0] for mode in served}
+    same = 0
+    for k in range(rounds):
+        order = list(served) if k % 2 == 0 else list(reversed(served))
+        answers = {}
+        for mode in order:
+            stats = apps[mode].state.server.batcher.stats
+            b0, r0 = stats.batches, stats.rows
+            r = drive_fn(served[mode].address, requests, c, ServeConfig.timeout)
+            batches[mode][0] += stats.batches - b0
+            batches[mode][1] += stats.rows - r0
+            answers[mode] = r.pop("answers")
+            runs[mode].append(r)
+            if r["errors"]:
+                print(f"  errors ({mode}, concurrency {c}): {r['error_examples']}", flush=True)
+        a, b = served
+        same += sum(answers[a].get(i) == answers[b].get(i) for i in range(len(requests)))
+    return runs, batches, same
+
+
 def stream_benchmark(args, backend, committee, models: list[str], levels: list[int]) -> None:
     """Token-by-token streaming against whole-answer streaming, both batching, rounds alternating (see the docstring)."""
     apps = {mode: create_app(backend, committee, ServeConfig(max_batch=args.max_batch, stream_mode=mode))
@@ -217,23 +242,8 @@ def stream_benchmark(args, backend, committee, models: list[str], levels: list[i
             drive_stream(s.address, batch(2), 1, ServeConfig.timeout)  # warm-up
         for c in levels:
             requests = batch(max(args.requests, c))
-            runs = {mode: [] for mode in served}
-            batches = {mode: [0, 0] for mode in served}
-            for k in range(args.rounds):
-                order = list(served) if k % 2 == 0 else list(reversed(served))  # ABBA: drifting load hits both
-                answers = {}
-                for mode in order:
-                    stats = apps[mode].state.server.batcher.stats
-                    b0, r0 = stats.batches, stats.rows
-                    r = drive_stream(served[mode].address, requests, c, ServeConfig.timeout)
-                    batches[mode][0] += stats.batches - b0
-                    batches[mode][1] += stats.rows - r0
-                    answers[mode] = r.pop("answers")
-                    runs[mode].append(r)
-                    if r["errors"]:
-                        print(f"  errors ({mode}, concurrency {c}): {r['error_examples']}", flush=True)
-                same[c] = same.get(c, 0) + sum(answers["tokens"].get(i) == answers["answer"].get(i) for i in range(len(requests)))
-                compared[c] = compared.get(c, 0) + len(requests)
+            runs, batches, same[c] = alternate(apps, served, drive_stream, requests, c, args.rounds)
+            compared[c] = len(requests) * args.rounds
             for mode in served:
                 ttft = [x for r in runs[mode] for x in r["ttft"]]
                 total = [x for r in runs[mode] for x in r["total"]]
@@ -324,24 +334,8 @@ def main():
         for s in served.values():
             drive(s.address, requests[:2], 1, ServeConfig.timeout)  # warm-up
         for c in levels:
-            runs = {mode: [] for mode in served}
-            batches = {mode: [0, 0] for mode in served}
-            for k in range(args.rounds):
-                order = list(served) if k % 2 == 0 else list(reversed(served))  # ABBA: drifting load hits both
-                answers = {}
-                for mode in order:
-                    stats = apps[mode].state.server.batcher.stats
-                    b0, r0 = stats.batches, stats.rows
-                    r = drive(served[mode].address, requests, c, ServeConfig.timeout)
-                    batches[mode][0] += stats.batches - b0
-                    batches[mode][1] += stats.rows - r0
-                    answers[mode] = r.pop("answers")
-                    runs[mode].append(r)
-                    if r["errors"]:
-                        print(f"  errors ({mode}, concurrency {c}): {r['error_examples']}", flush=True)
-                same[c] = same.get(c, 0) + sum(answers["batched"].get(i) == answers["one-at-a-time"].get(i)
-                                               for i in range(len(requests)))
-                compared[c] = compared.get(c, 0) + len(requests)
+            runs, batches, same[c] = alternate(apps, served, drive, requests, c, args.rounds)
+            compared[c] = len(requests) * args.rounds
             for mode in served:
                 row = {"mode": mode, "concurrency": c, **pooled(runs[mode])}
                 row["mean_batch"] = batches[mode][1] / batches[mode][0] if batches[mode][0] else 0.0
